@@ -1,0 +1,549 @@
+/* cpu_backend.c — the cpu backend: host memory, OpenBLAS for matmul, plain
+ * C loops (OpenMP over rows, tokens and heads) for everything else.
+ *
+ * Every op is computed at once inside run_op, so sync() has nothing to do.
+ * The front end (ops.c) has validated shapes and dtypes; what only the data
+ * can reveal (an index or a cache position out of range) is checked here,
+ * before anything is written, and reported as MM_EINVAL naming the op.
+ *
+ * Weights. weight_dtype() is always f32: mm_tensor_set widens f16/bf16 at
+ * upload, so the hot path is a plain cblas_sgemm. A caller may still hand
+ * matmul an f16/bf16 weight tensor; it is then widened per call in blocks of
+ * rows (slow, bounded scratch memory, same result as an f32 upload).
+ *
+ *     mm_backend *be;  char err[256];
+ *     if (mm_cpu_backend_new(&be, err, sizeof err) != MM_OK) { ... }
+ *     // or mm_backend_new("cpu", &be, err, sizeof err)
+ */
+#include <cblas.h>
+#include <limits.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../backend.h"
+
+/* Elementwise loops below this many elements stay on one thread: forking
+ * the OpenMP team costs more than the work. */
+#define S_PAR_MIN 32768
+
+/* Scratch budget when widening an f16/bf16 weight for one matmul call. */
+#define S_WIDEN_BYTES ((size_t)4 << 20)
+
+typedef struct s_cpu {
+    char describe[256]; /* "cpu: OpenBLAS ..., N threads" */
+} s_cpu;
+
+/* ---- backend housekeeping ------------------------------------------------ */
+
+static void s_destroy(void *ctx) { free(ctx); }
+
+static const char *s_describe(void *ctx) { return ((s_cpu *)ctx)->describe; }
+
+static mm_dtype s_weight_dtype(void *ctx, mm_dtype t) { return MM_F32; }
+
+static size_t s_max_tensor_bytes(void *ctx) { return SIZE_MAX / 2; }
+
+static int s_tensor_alloc(void *ctx, mm_tensor *t) {
+    /* 64 B: a cache line and an AVX-512 vector; aligned_alloc wants a size
+     * that is a multiple of the alignment. */
+    size_t n = (t->nbytes + 63) & ~(size_t)63;
+    void *p = aligned_alloc(64, n);
+    if (!p) {
+        char s[96];
+        return mm_backend_fail(t->be, MM_ENOMEM, "tensor: out of host memory for %s (%zu bytes)",
+                               mm_tensor_str(t, s, sizeof s), t->nbytes);
+    }
+    /* Zeroed, so a fresh KV cache or accumulator never holds garbage. */
+    memset(p, 0, n);
+    t->impl = p;
+    t->data = p;
+    return MM_OK;
+}
+
+static void s_tensor_free(void *ctx, mm_tensor *t) {
+    free(t->impl);
+    t->impl = NULL;
+    t->data = NULL;
+}
+
+static int s_write(void *ctx, mm_tensor *root, size_t off, const void *src, size_t n) {
+    memcpy((char *)root->impl + off, src, n);
+    return MM_OK;
+}
+
+static int s_read(void *ctx, mm_tensor *root, size_t off, void *dst, size_t n) {
+    memcpy(dst, (const char *)root->impl + off, n);
+    return MM_OK;
+}
+
+static int s_sync(void *ctx) { return MM_OK; }
+
+/* ---- helpers ------------------------------------------------------------- */
+
+static size_t s_rows(const mm_tensor *t) { return t->nelem / t->shape[t->ndim - 1]; }
+static size_t s_cols(const mm_tensor *t) { return t->shape[t->ndim - 1]; }
+static float *s_f(const mm_tensor *t) { return (float *)t->data; }
+static const int32_t *s_i(const mm_tensor *t) { return (const int32_t *)t->data; }
+
+static float s_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+/* Each token's (slot, pos) must lie inside the cache [slots, max_ctx, ...]. */
+static int s_check_seq(const char *name, mm_backend *be, const mm_tensor *seq,
+                       const mm_tensor *cache) {
+    const int32_t *sp = s_i(seq);
+    for (size_t t = 0; t < seq->shape[0]; t++) {
+        int32_t slot = sp[2 * t], pos = sp[2 * t + 1];
+        if (slot < 0 || (size_t)slot >= cache->shape[0] || pos < 0 ||
+            (size_t)pos >= cache->shape[1])
+            return mm_backend_fail(be, MM_EINVAL,
+                                   "%s: token %zu has (slot %d, pos %d) outside the cache of %zu "
+                                   "slots x %zu positions",
+                                   name, t, (int)slot, (int)pos, cache->shape[0], cache->shape[1]);
+    }
+    return MM_OK;
+}
+
+/* ---- matmul -------------------------------------------------------------- */
+
+/* out[M, nb] (row stride ldo) = x[M, K] · w[nb, K]ᵀ + beta·out. */
+static void s_gemm(size_t M, size_t nb, size_t K, const float *x, const float *w, float *out,
+                   size_t ldo, float beta) {
+    if (M == 1)
+        cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)nb, (int)K, 1.0f, w, (int)K, x, 1, beta, out,
+                    1);
+    else
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, (int)nb, (int)K, 1.0f, x,
+                    (int)K, w, (int)K, beta, out, (int)ldo);
+}
+
+static int s_matmul(const mm_op *op) {
+    mm_backend *be = op->dst->be;
+    const mm_tensor *x = op->src[0], *w = op->src[1], *bias = op->src[2];
+    size_t M = s_rows(x), K = s_cols(x), N = w->shape[0];
+    float *out = s_f(op->dst);
+    if (M > INT_MAX || N > INT_MAX || K > INT_MAX)
+        return mm_backend_fail(be, MM_EUNSUPPORTED,
+                               "matmul: M %zu, N %zu or K %zu exceeds the BLAS int range", M, N, K);
+    /* The bias is preloaded into out and the product added with beta = 1. */
+    float beta = 0.0f;
+    if (bias) {
+        for (size_t m = 0; m < M; m++)
+            memcpy(out + m * N, bias->data, N * sizeof(float));
+        beta = 1.0f;
+    }
+    if (w->dtype == MM_F32) {
+        s_gemm(M, N, K, s_f(x), s_f(w), out, N, beta);
+        return MM_OK;
+    }
+    /* Slow path: widen blocks of weight rows into scratch, each block a
+     * column band of out. */
+    size_t nb = S_WIDEN_BYTES / (K * sizeof(float));
+    if (nb == 0)
+        nb = 1;
+    if (nb > N)
+        nb = N;
+    float *tmp = malloc(nb * K * sizeof(float));
+    if (!tmp)
+        return mm_backend_fail(be, MM_ENOMEM, "matmul: out of memory widening a %s weight",
+                               mm_dtype_name(w->dtype));
+    const uint16_t *wh = w->data;
+    for (size_t n0 = 0; n0 < N; n0 += nb) {
+        size_t n = N - n0 < nb ? N - n0 : nb;
+        mm_convert_to_f32(tmp, wh + n0 * K, w->dtype, n * K);
+        s_gemm(M, n, K, s_f(x), tmp, out + n0, N, beta);
+    }
+    free(tmp);
+    return MM_OK;
+}
+
+/* ---- elementwise --------------------------------------------------------- */
+
+static int s_binary(const mm_op *op) {
+    const mm_tensor *a = op->src[0], *b = op->src[1];
+    const float *pa = s_f(a), *pb = s_f(b);
+    float *po = s_f(op->dst);
+    size_t n = a->nelem, cols = s_cols(a);
+    int bcast = b->nelem != n; /* b is one row, repeated over a's rows */
+    int add = op->type == MM_OP_ADD;
+#pragma omp parallel for if (n >= S_PAR_MIN)
+    for (size_t i = 0; i < n; i++) {
+        float bv = pb[bcast ? i % cols : i];
+        po[i] = add ? pa[i] + bv : pa[i] * bv;
+    }
+    return MM_OK;
+}
+
+static int s_scale(const mm_op *op) {
+    const float *x = s_f(op->src[0]);
+    float *o = s_f(op->dst), s = op->f[0];
+    size_t n = op->src[0]->nelem;
+#pragma omp parallel for if (n >= S_PAR_MIN)
+    for (size_t i = 0; i < n; i++)
+        o[i] = x[i] * s;
+    return MM_OK;
+}
+
+static float s_unary1(mm_unary_op u, float x) {
+    switch (u) {
+    case MM_GELU_ERF: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+    case MM_GELU_TANH: {
+        const float c = 0.79788456080286536f; /* √(2/π) */
+        return 0.5f * x * (1.0f + tanhf(c * (x + 0.044715f * x * x * x)));
+    }
+    case MM_QUICK_GELU: return x * s_sigmoid(1.702f * x);
+    case MM_SILU: return x * s_sigmoid(x);
+    default: return x;
+    }
+}
+
+static int s_unary(const mm_op *op) {
+    const float *x = s_f(op->src[0]);
+    float *o = s_f(op->dst);
+    size_t n = op->src[0]->nelem;
+    mm_unary_op u = (mm_unary_op)op->i[0];
+#pragma omp parallel for if (n >= S_PAR_MIN / 4)
+    for (size_t i = 0; i < n; i++)
+        o[i] = s_unary1(u, x[i]);
+    return MM_OK;
+}
+
+static int s_swiglu(const mm_op *op) {
+    const float *g = s_f(op->src[0]), *u = s_f(op->src[1]);
+    float *o = s_f(op->dst);
+    size_t n = op->src[0]->nelem;
+#pragma omp parallel for if (n >= S_PAR_MIN / 4)
+    for (size_t i = 0; i < n; i++)
+        o[i] = g[i] * s_sigmoid(g[i]) * u[i];
+    return MM_OK;
+}
+
+/* ---- row-wise: norms, softmax -------------------------------------------- */
+
+static int s_layernorm(const mm_op *op) {
+    const mm_tensor *x = op->src[0];
+    const float *w = op->src[1] ? s_f(op->src[1]) : NULL;
+    const float *b = op->src[2] ? s_f(op->src[2]) : NULL;
+    float eps = op->f[0];
+    size_t R = s_rows(x), C = s_cols(x);
+#pragma omp parallel for if (R * C >= S_PAR_MIN)
+    for (size_t r = 0; r < R; r++) {
+        const float *xr = s_f(x) + r * C;
+        float *o = s_f(op->dst) + r * C;
+        /* Two passes (mean, then squared deviations): no cancellation when
+         * the mean is large beside the spread. Stats are read fully before
+         * o is written, so out may alias x. */
+        float mean = 0.0f, var = 0.0f;
+        for (size_t c = 0; c < C; c++)
+            mean += xr[c];
+        mean /= (float)C;
+        for (size_t c = 0; c < C; c++)
+            var += (xr[c] - mean) * (xr[c] - mean);
+        var /= (float)C;
+        float inv = 1.0f / sqrtf(var + eps);
+        for (size_t c = 0; c < C; c++) {
+            float v = (xr[c] - mean) * inv;
+            if (w)
+                v *= w[c];
+            if (b)
+                v += b[c];
+            o[c] = v;
+        }
+    }
+    return MM_OK;
+}
+
+static int s_rmsnorm(const mm_op *op) {
+    const mm_tensor *x = op->src[0];
+    const float *w = op->src[1] ? s_f(op->src[1]) : NULL;
+    float eps = op->f[0];
+    size_t R = s_rows(x), C = s_cols(x);
+#pragma omp parallel for if (R * C >= S_PAR_MIN)
+    for (size_t r = 0; r < R; r++) {
+        const float *xr = s_f(x) + r * C;
+        float *o = s_f(op->dst) + r * C;
+        float ss = 0.0f;
+        for (size_t c = 0; c < C; c++)
+            ss += xr[c] * xr[c];
+        float inv = 1.0f / sqrtf(ss / (float)C + eps);
+        for (size_t c = 0; c < C; c++)
+            o[c] = xr[c] * inv * (w ? w[c] : 1.0f);
+    }
+    return MM_OK;
+}
+
+/* In place on one row of n values: softmax with the max subtracted, so
+ * exp never overflows. */
+static void s_softmax_row(float *v, size_t n) {
+    float mx = v[0];
+    for (size_t i = 1; i < n; i++)
+        mx = v[i] > mx ? v[i] : mx;
+    float sum = 0.0f;
+    for (size_t i = 0; i < n; i++) {
+        v[i] = expf(v[i] - mx);
+        sum += v[i];
+    }
+    float inv = 1.0f / sum;
+    for (size_t i = 0; i < n; i++)
+        v[i] *= inv;
+}
+
+static int s_softmax(const mm_op *op) {
+    const mm_tensor *x = op->src[0];
+    size_t R = s_rows(x), C = s_cols(x);
+#pragma omp parallel for if (R * C >= S_PAR_MIN)
+    for (size_t r = 0; r < R; r++) {
+        float *o = s_f(op->dst) + r * C;
+        if (o != s_f(x) + r * C)
+            memcpy(o, s_f(x) + r * C, C * sizeof(float));
+        s_softmax_row(o, C);
+    }
+    return MM_OK;
+}
+
+/* ---- rope, kv cache, attention ------------------------------------------- */
+
+static int s_rope(const mm_op *op) {
+    mm_tensor *x = op->dst;
+    const int32_t *seq = s_i(op->src[0]);
+    size_t T = s_rows(x), H = (size_t)op->i[0], hd = (size_t)op->i[1];
+    size_t half = (size_t)op->i[2] / 2;
+    float theta = op->f[0];
+#pragma omp parallel for if (T * H * half >= S_PAR_MIN / 8)
+    for (size_t t = 0; t < T; t++) {
+        float pos = (float)seq[2 * t + 1];
+        for (size_t h = 0; h < H; h++) {
+            float *v = s_f(x) + t * H * hd + h * hd;
+            for (size_t i = 0; i < half; i++) {
+                /* fp32 like the reference (HF): inv_freq = 1/θ^(2i/rot),
+                 * angle = pos · inv_freq, both rounded to float. */
+                float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)(2 * half));
+                float ang = pos * inv_freq;
+                float c = cosf(ang), s = sinf(ang);
+                float x1 = v[i], x2 = v[i + half];
+                v[i] = x1 * c - x2 * s;
+                v[i + half] = x2 * c + x1 * s;
+            }
+        }
+    }
+    return MM_OK;
+}
+
+static int s_kv_store(const mm_op *op) {
+    mm_tensor *cache = op->dst;
+    const mm_tensor *kv = op->src[0], *seq = op->src[1];
+    int rc = s_check_seq("kv_store", cache->be, seq, cache);
+    if (rc != MM_OK)
+        return rc;
+    size_t W = kv->shape[1], C = cache->shape[1];
+    const int32_t *sp = s_i(seq);
+    for (size_t t = 0; t < kv->shape[0]; t++) {
+        size_t slot = (size_t)sp[2 * t], pos = (size_t)sp[2 * t + 1];
+        memcpy(s_f(cache) + (slot * C + pos) * W, s_f(kv) + t * W, W * sizeof(float));
+    }
+    return MM_OK;
+}
+
+static int s_attention(const mm_op *op) {
+    mm_backend *be = op->dst->be;
+    const mm_tensor *q = op->src[0], *kc = op->src[1], *vc = op->src[2], *seq = op->src[3];
+    int rc = s_check_seq("attention", be, seq, kc);
+    if (rc != MM_OK)
+        return rc;
+    size_t T = q->shape[0], H = (size_t)op->i[0], KVH = (size_t)op->i[1], hd = (size_t)op->i[2];
+    size_t C = kc->shape[1], qw = H * hd, kw = KVH * hd, group = H / KVH;
+    float scale = op->f[0];
+    const int32_t *sp = s_i(seq);
+    int oom = 0;
+#pragma omp parallel if (T * H > 1)
+    {
+        float *att = malloc(C * sizeof(float)); /* this thread's scores */
+        if (!att) {
+#pragma omp atomic write
+            oom = 1;
+        }
+#pragma omp for collapse(2) schedule(dynamic, 4)
+        for (size_t t = 0; t < T; t++) {
+            for (size_t h = 0; h < H; h++) {
+                if (!att)
+                    continue;
+                size_t slot = (size_t)sp[2 * t], n = (size_t)sp[2 * t + 1] + 1;
+                const float *qv = s_f(q) + t * qw + h * hd;
+                const float *kb = s_f(kc) + slot * C * kw + (h / group) * hd;
+                const float *vb = s_f(vc) + slot * C * kw + (h / group) * hd;
+                for (size_t j = 0; j < n; j++) {
+                    const float *kv = kb + j * kw;
+                    float d = 0.0f;
+                    for (size_t i = 0; i < hd; i++)
+                        d += qv[i] * kv[i];
+                    att[j] = d * scale;
+                }
+                s_softmax_row(att, n);
+                float *o = s_f(op->dst) + t * qw + h * hd;
+                memset(o, 0, hd * sizeof(float));
+                for (size_t j = 0; j < n; j++) {
+                    const float *vv = vb + j * kw;
+                    float a = att[j];
+                    for (size_t i = 0; i < hd; i++)
+                        o[i] += a * vv[i];
+                }
+            }
+        }
+        free(att);
+    }
+    if (oom)
+        return mm_backend_fail(be, MM_ENOMEM, "attention: out of memory for %zu scores", C);
+    return MM_OK;
+}
+
+/* ---- routing and gathering ------------------------------------------------ */
+
+static int s_topk(const mm_op *op) {
+    const mm_tensor *x = op->src[0];
+    size_t T = x->shape[0], E = x->shape[1], k = (size_t)op->i[0];
+    for (size_t t = 0; t < T; t++) {
+        const float *xr = s_f(x) + t * E;
+        int32_t *ir = (int32_t *)op->dst->data + t * k;
+        float *vr = s_f(op->dst2) + t * k;
+        /* Insertion into a sorted list of the best k so far; an entry moves
+         * ahead only of strictly smaller values, so ties keep the lower
+         * index first. */
+        size_t cnt = 0;
+        for (size_t e = 0; e < E; e++) {
+            float v = xr[e];
+            size_t p = cnt;
+            while (p > 0 && v > vr[p - 1])
+                p--;
+            if (p >= k)
+                continue;
+            size_t last = cnt < k ? cnt : k - 1;
+            for (size_t m = last; m > p; m--) {
+                vr[m] = vr[m - 1];
+                ir[m] = ir[m - 1];
+            }
+            vr[p] = v;
+            ir[p] = (int32_t)e;
+            if (cnt < k)
+                cnt++;
+        }
+    }
+    return MM_OK;
+}
+
+static int s_get_rows(const mm_op *op) {
+    mm_backend *be = op->dst->be;
+    const mm_tensor *src = op->src[0], *idx = op->src[1];
+    size_t n = idx->nelem, R = src->shape[0], C = src->shape[1];
+    const int32_t *ip = s_i(idx);
+    for (size_t i = 0; i < n; i++)
+        if (ip[i] < 0 || (size_t)ip[i] >= R)
+            return mm_backend_fail(be, MM_EINVAL,
+                                   "get_rows: index %d at position %zu is outside the %zu rows of "
+                                   "src",
+                                   (int)ip[i], i, R);
+    size_t es = mm_dtype_size(src->dtype);
+    for (size_t i = 0; i < n; i++)
+        mm_convert_to_f32(s_f(op->dst) + i * C, (const char *)src->data + (size_t)ip[i] * C * es,
+                          src->dtype, C);
+    return MM_OK;
+}
+
+static int s_scatter_add(const mm_op *op) {
+    mm_backend *be = op->dst->be;
+    const mm_tensor *src = op->src[0], *idx = op->src[1], *w = op->src[2];
+    size_t n = idx->nelem, R = op->dst->shape[0], C = op->dst->shape[1];
+    const int32_t *ip = s_i(idx);
+    for (size_t i = 0; i < n; i++)
+        if (ip[i] < 0 || (size_t)ip[i] >= R)
+            return mm_backend_fail(be, MM_EINVAL,
+                                   "scatter_add_rows: index %d at position %zu is outside the %zu "
+                                   "rows of dst",
+                                   (int)ip[i], i, R);
+    /* Serial over rows: a repeated index (which the contract forbids) still
+     * adds up correctly instead of racing. */
+    for (size_t i = 0; i < n; i++) {
+        float *d = s_f(op->dst) + (size_t)ip[i] * C;
+        const float *s = s_f(src) + i * C;
+        float wi = w ? s_f(w)[i] : 1.0f;
+        for (size_t c = 0; c < C; c++)
+            d[c] += wi * s[c];
+    }
+    return MM_OK;
+}
+
+static int s_im2col(const mm_op *op) {
+    const mm_tensor *img = op->src[0];
+    size_t Cn = img->shape[0], H = img->shape[1], W = img->shape[2], P = (size_t)op->i[0];
+    size_t gw = W / P, np = (H / P) * gw, pw = Cn * P * P;
+#pragma omp parallel for if (np * pw >= S_PAR_MIN)
+    for (size_t r = 0; r < np; r++) {
+        size_t py = r / gw, px = r % gw;
+        float *o = s_f(op->dst) + r * pw;
+        for (size_t c = 0; c < Cn; c++)
+            for (size_t ky = 0; ky < P; ky++)
+                memcpy(o + (c * P + ky) * P, s_f(img) + (c * H + py * P + ky) * W + px * P,
+                       P * sizeof(float));
+    }
+    return MM_OK;
+}
+
+static int s_run_op(void *ctx, const mm_op *op) {
+    switch (op->type) {
+    case MM_OP_MATMUL: return s_matmul(op);
+    case MM_OP_ADD:
+    case MM_OP_MUL: return s_binary(op);
+    case MM_OP_SCALE: return s_scale(op);
+    case MM_OP_LAYERNORM: return s_layernorm(op);
+    case MM_OP_RMSNORM: return s_rmsnorm(op);
+    case MM_OP_UNARY: return s_unary(op);
+    case MM_OP_SWIGLU: return s_swiglu(op);
+    case MM_OP_SOFTMAX: return s_softmax(op);
+    case MM_OP_ROPE: return s_rope(op);
+    case MM_OP_KV_STORE: return s_kv_store(op);
+    case MM_OP_ATTENTION: return s_attention(op);
+    case MM_OP_TOPK: return s_topk(op);
+    case MM_OP_GET_ROWS: return s_get_rows(op);
+    case MM_OP_SCATTER_ADD: return s_scatter_add(op);
+    case MM_OP_IM2COL: return s_im2col(op);
+    default:
+        return mm_backend_fail(op->dst->be, MM_EUNSUPPORTED, "cpu: unknown op type %d",
+                               (int)op->type);
+    }
+}
+
+static const mm_backend_ops s_cpu_ops = {
+    .name = "cpu",
+    .destroy = s_destroy,
+    .describe = s_describe,
+    .weight_dtype = s_weight_dtype,
+    .max_tensor_bytes = s_max_tensor_bytes,
+    .tensor_alloc = s_tensor_alloc,
+    .tensor_free = s_tensor_free,
+    .write = s_write,
+    .read = s_read,
+    .sync = s_sync,
+    .run_op = s_run_op,
+    .supports = NULL, /* run_op computes every op and dtype the front end lets through */
+};
+
+int mm_cpu_backend_new(mm_backend **out, char *err, size_t errlen) {
+    *out = NULL;
+    mm_backend *be = calloc(1, sizeof *be);
+    s_cpu *c = calloc(1, sizeof *c);
+    if (!be || !c) {
+        free(be);
+        free(c);
+        return mm_errorf(err, errlen, MM_ENOMEM, "cpu backend: out of host memory");
+    }
+    const char *cfg = openblas_get_config();
+    snprintf(c->describe, sizeof c->describe,
+             "cpu: %d OpenMP threads, %s (core %s, %d BLAS threads)", omp_get_max_threads(),
+             cfg ? cfg : "?", openblas_get_corename(), openblas_get_num_threads());
+    be->ops = &s_cpu_ops;
+    be->ctx = c;
+    *out = be;
+    return MM_OK;
+}
