@@ -177,11 +177,9 @@ int mm_generate(mm_model *m, int slot, const mm_prompt_input *in, const mm_gen_p
         rc = mm_errorf(err, errlen, MM_ENOMEM, "out of memory for generation");
         goto out;
     }
-    if (max_new == 0)
-        goto out;
-
-    /* prefill: the whole prompt in one step, logits of its last row */
-    r.want[P - 1] = 1;
+    /* prefill: the whole prompt in one step, logits of its last row (none
+     * when nothing is to be generated: the step then only routes) */
+    r.want[P - 1] = max_new > 0;
     mm_step st = {.n = P, .token = r.token, .embed = r.embed, .slot = r.slot, .pos = r.pos,
                   .want_logits = r.want};
     double t0 = mm_now_ms();
@@ -191,7 +189,7 @@ int mm_generate(mm_model *m, int slot, const mm_prompt_input *in, const mm_gen_p
     s_keep_routing(res, step_routing, P, 0, L, k, cap);
     res->n_pos = P;
 
-    for (;;) {
+    while (max_new > 0) {
         int32_t next = s_pick(logits, n_scored, g, &rng, work, order);
         if (res->logits)
             memcpy(res->logits + res->n_tokens * V, logits, V * sizeof *logits);

@@ -64,8 +64,8 @@ def run_c(prog, *args):
     return r.returncode, r.stdout.decode("utf-8")
 
 
-def c_encode(prog, path, label):
-    rc, out = run_c(prog, "encode", path, CORPUS)
+def c_encode(prog, path, label, roundtrip=True):
+    rc, out = run_c(prog, "encode", path, CORPUS, *([] if roundtrip else ["--no-roundtrip"]))
     if rc != 0:
         fail("%s: C encode/decode self-check failed (exit %d)" % (label, rc))
     return [json.loads(line) for line in out.splitlines()]
@@ -238,6 +238,33 @@ def check_bad_files(d, prog):
         fail("[a, b] merges give other ids than \"a b\" merges")
     else:
         print("ok   [a, b] merge form")
+
+    # options real tokenizers use: C and Python must still agree
+    def agree(name, mutate, roundtrip=True):
+        doc = json.loads(json.dumps(good))
+        mutate(doc)
+        vdir = os.path.join(bad, name)
+        os.makedirs(vdir)
+        with open(os.path.join(vdir, "tokenizer.json"), "w", encoding="utf-8") as fh:
+            json.dump(doc, fh, ensure_ascii=False)
+        texts = corpus_texts()
+        ref = bpe_ref.BPETokenizer.from_dir(vdir)
+        compare("C vs Python, " + name, texts, c_encode(prog, vdir, name, roundtrip),
+                [ref.encode(t) for t in texts])
+
+    agree("add_prefix_space", set_(["pre_tokenizer", "add_prefix_space"], True), False)
+    agree("ignore_merges", set_(["model", "ignore_merges"], True))
+    agree("split_then_bytelevel_regex", set_(["pre_tokenizer"], {
+        "type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": make_tokenizer.CL100K_PATTERN},
+             "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": True, "use_regex": True}]}), False)
+
+    def more_added(doc):  # a non-special added token that overlaps <|endoftext|>
+        doc["added_tokens"].append({"id": len(vocab) + 2, "content": "<|endoftext|>text",
+                                    "special": False})
+        doc["added_tokens"].append({"id": len(vocab) + 3, "content": "  ", "special": False})
+    agree("more_added_tokens", more_added)
 
     # tiktoken files
     with open(os.path.join(d, "cl100k", "arcade100k.tiktoken")) as fh:

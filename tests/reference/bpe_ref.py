@@ -71,17 +71,28 @@ class BPETokenizer:
         self.special_ids = set()
         self.size = 0
         self.byte_ids = []
+        self.eos_token = EOT     # tokenizer_config.json's eos_token when from_dir finds one
 
     # ---------------------------------------------------------------- loading
     @classmethod
     def from_dir(cls, path):
+        """tokenizer.json, else the first *.tiktoken; eos from tokenizer_config.json."""
         tj = os.path.join(path, "tokenizer.json")
-        if os.path.exists(tj):
-            return cls.from_tokenizer_json(tj)
         tk = sorted(glob.glob(os.path.join(path, "*.tiktoken")))
-        if tk:
-            return cls.from_tiktoken(tk[0])
-        raise TokenizerError("%s: no tokenizer.json and no *.tiktoken file" % path)
+        if os.path.exists(tj):
+            self = cls.from_tokenizer_json(tj)
+        elif tk:
+            self = cls.from_tiktoken(tk[0])
+        else:
+            raise TokenizerError("%s: no tokenizer.json and no *.tiktoken file" % path)
+        cfg = os.path.join(path, "tokenizer_config.json")
+        if os.path.exists(cfg):
+            with open(cfg, encoding="utf-8") as fh:
+                eos = json.load(fh).get("eos_token")
+            eos = eos.get("content") if isinstance(eos, dict) else eos
+            if isinstance(eos, str):
+                self.eos_token = eos
+        return self
 
     @classmethod
     def from_tokenizer_json(cls, path):
@@ -184,7 +195,8 @@ class BPETokenizer:
 
     @property
     def eos_id(self):
-        return self.token_id(EOT)
+        """Id of the end-of-text token (None when absent)."""
+        return self.token_id(self.eos_token)
 
     # ---------------------------------------------------------------- encode
     def _split_added(self, text):
