@@ -42,7 +42,7 @@ bench: build
 	cmake --build $(BUILD) --target bench
 
 demo: build
-	@echo "demo: not built yet (see issues)"
+	BUILD=$(BUILD) sh tools/demo.sh
 
 format:
 	find kernels model tests bench tools router-node expert-node -name '*.[ch]' 2>/dev/null | xargs clang-format -i
