@@ -3,6 +3,9 @@
 
     make_tiny_checkpoint.py --out DIR --backbone stablelm|phi --dtype f32|bf16
                             [--top-k 1|2] [--shards N] [--seed S] [--residual] [--lm-head-bias]
+                            [size overrides: --hidden --layers --heads --intermediate
+                             --vocab-size --max-pos --clip-hidden --clip-intermediate
+                             --clip-layers --clip-heads --clip-image-size --clip-patch-size]
 
 DIR gets config.json (MoE-LLaVA style), model.safetensors (or N shards plus
 model.safetensors.index.json), the tokenizer (tools/make_tokenizer.py: StableLM → the
@@ -21,6 +24,12 @@ The weights are random but NOT degenerate, so that a numerical bug changes the a
   * scales keep attention, MLP and gate away from saturation; the reference
     (tests/reference/medmoe_ref.py --min-margin) checks top-1/top-2 margins.
 Same arguments → same bytes (numpy RandomState, fixed tensor order, no timestamps).
+
+The size overrides make bigger checkpoints of the same construction (bench/model uses
+the real StableLM-2-1.6B dimensions: --hidden 2048 --heads 32 --intermediate 5632
+--vocab-size 100352 --max-pos 4096, fewer layers, and a ViT-L/14-336 shaped tower).
+MoE layers are always 0, 2, 4, ... (every other layer, as in Med-MoE). Without overrides
+the defaults below apply and the bytes are those of the test fixtures.
 """
 
 import argparse
@@ -41,9 +50,11 @@ MOE_LAYERS = [0, 2]
 NUM_EXPERTS = 4
 MAX_POS = 256
 TOKENIZER_MERGES = 300
+CHUNK = 1 << 22  # elements: bigger tensors are generated and converted in blocks (memory)
 
 CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
             image_size=32, patch_size=8, num_channels=3)
+_DEFAULTS = dict(HIDDEN=HIDDEN, LAYERS=LAYERS, HEADS=HEADS, MAX_POS=MAX_POS, CLIP=dict(CLIP))
 
 
 class Gen:
@@ -54,7 +65,17 @@ class Gen:
         self.tensors = {}
 
     def normal(self, shape, std, mean=0.0):
-        return (mean + std * self.rng.standard_normal(shape)).astype(np.float32)
+        shape = tuple(np.atleast_1d(shape))
+        if len(shape) < 2 or np.prod(shape) <= CHUNK:
+            return (mean + std * self.rng.standard_normal(shape)).astype(np.float32)
+        # Big tensors in row blocks: the same random stream in the same order (so the same
+        # values), without float64 temporaries of the whole tensor.
+        out = np.empty(shape, np.float32)
+        step = max(1, CHUNK // int(np.prod(shape[1:])))
+        for r in range(0, shape[0], step):
+            blk = out[r:r + step]
+            blk[...] = mean + std * self.rng.standard_normal(blk.shape)
+        return out
 
     def add(self, name, arr):
         assert name not in self.tensors, name
@@ -156,10 +177,22 @@ def clip_tensors(g):
 
 
 def stored(tensors, dtype):
+    """Converts to the stored dtype; empties `tensors` as it goes (big checkpoints would
+    otherwise hold the fp32 and the bf16 copy of every tensor at once)."""
     st = "BF16" if dtype == "bf16" else "F32"
     out = {}
-    for k, v in tensors.items():
-        out[k] = (st, f32_to_bf16_bits(v)) if st == "BF16" else ("F32", v)
+    for k in list(tensors):
+        v = tensors.pop(k)
+        if st == "F32":
+            out[k] = ("F32", v)
+        elif v.size <= CHUNK:
+            out[k] = (st, f32_to_bf16_bits(v))
+        else:  # elementwise, so converting in blocks gives the same bits with less memory
+            bits = np.empty(v.shape, np.uint16)
+            flat, fb = v.reshape(-1), bits.reshape(-1)
+            for i in range(0, flat.size, CHUNK):
+                fb[i:i + CHUNK] = f32_to_bf16_bits(flat[i:i + CHUNK])
+            out[k] = (st, bits)
     return out
 
 
@@ -303,6 +336,25 @@ def default_seed(backbone, dtype, top_k, residual):
     return 3
 
 
+def apply_sizes(a):
+    """Size overrides (None = keep the default) → the module's size constants."""
+    global HIDDEN, LAYERS, HEADS, MOE_LAYERS, MAX_POS
+    # From the pristine defaults, so that a second main() in one process starts clean.
+    HIDDEN, LAYERS, HEADS, MAX_POS = (a.hidden or _DEFAULTS["HIDDEN"], a.layers or _DEFAULTS["LAYERS"],
+                                      a.heads or _DEFAULTS["HEADS"], a.max_pos or _DEFAULTS["MAX_POS"])
+    MOE_LAYERS = list(range(0, LAYERS, 2))
+    CLIP.clear()
+    CLIP.update(_DEFAULTS["CLIP"])
+    for key, v in (("hidden_size", a.clip_hidden), ("intermediate_size", a.clip_intermediate),
+                   ("num_hidden_layers", a.clip_layers), ("num_attention_heads", a.clip_heads),
+                   ("image_size", a.clip_image_size), ("patch_size", a.clip_patch_size)):
+        if v:
+            CLIP[key] = v
+    if HIDDEN % HEADS or CLIP["hidden_size"] % CLIP["num_attention_heads"] \
+            or CLIP["image_size"] % CLIP["patch_size"]:
+        raise SystemExit("sizes: heads must divide hidden, patch must divide image size")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
@@ -313,7 +365,12 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--residual", action="store_true", help="use_residual MoE (coefficient + mlp)")
     ap.add_argument("--lm-head-bias", action="store_true", help="add lm_head.bias (HF Phi-2 style)")
+    for opt in ("hidden", "layers", "heads", "intermediate", "vocab-size", "max-pos",
+                "clip-hidden", "clip-intermediate", "clip-layers", "clip-heads",
+                "clip-image-size", "clip-patch-size"):
+        ap.add_argument("--" + opt, type=int, default=None, help="size override")
     a = ap.parse_args(argv)
+    apply_sizes(a)
     seed = a.seed if a.seed is not None else default_seed(a.backbone, a.dtype, a.top_k, a.residual)
 
     os.makedirs(os.path.join(a.out, "clip"), exist_ok=True)
@@ -333,7 +390,11 @@ def main(argv=None):
     vocab = (n_tok + 63) // 64 * 64
     if vocab == n_tok:
         vocab += 64  # always keep padding rows, so the test can catch an unmasked argmax
-    inter = 128 if a.backbone == "stablelm" else 256
+    if a.vocab_size:
+        if a.vocab_size <= n_tok:
+            raise SystemExit("--vocab-size %d must exceed len(tokenizer) = %d" % (a.vocab_size, n_tok))
+        vocab = a.vocab_size
+    inter = a.intermediate or (128 if a.backbone == "stablelm" else 256)
 
     g = Gen(seed)
     llm_tensors(g, a.backbone, vocab, n_tok, inter, CLIP["hidden_size"], a.residual, a.lm_head_bias)
