@@ -47,22 +47,22 @@ typedef struct mm_moe {
     mm_mlp res;                            /* use_residual: the dense residual MLP  */
 } mm_moe;
 
-typedef struct mm_layer {
-    mm_norm ln1;       /* input_layernorm                                   */
-    mm_norm ln2;       /* post_attention_layernorm (sequential blocks only)  */
+/* What a transformer block holds, in the decoder and in the vision tower. */
+typedef struct mm_block {
+    mm_norm ln1;       /* input_layernorm / layer_norm1                      */
+    mm_norm ln2;       /* post_attention_layernorm / layer_norm2 (sequential
+                          blocks only)                                       */
     mm_linear q, k, v; /* [heads*hd, hidden], [kv*hd, hidden] ×2             */
-    mm_linear o;       /* o_proj / dense [hidden, heads*hd]                  */
-    mm_mlp mlp;        /* dense FFN (non-MoE layers)                         */
+    mm_linear o;       /* o_proj / dense / out_proj [hidden, heads*hd]       */
+    mm_mlp mlp;        /* dense FFN (decoder: non-MoE layers only)           */
+} mm_block;
+
+typedef struct mm_layer {
+    mm_block b;        /* norms, attention, dense FFN                        */
     mm_moe *moe;       /* MoE FFN, or NULL                                   */
     mm_tensor *kcache; /* [slots, max_ctx, kv*hd] f32                        */
     mm_tensor *vcache; /* [slots, max_ctx, kv*hd] f32                        */
 } mm_layer;
-
-typedef struct mm_vision_layer {
-    mm_norm ln1, ln2;
-    mm_linear q, k, v, o;
-    mm_mlp mlp; /* fc1 -> quick_gelu -> fc2 */
-} mm_vision_layer;
 
 typedef struct mm_vision {
     mm_vision_config cfg;
@@ -72,7 +72,7 @@ typedef struct mm_vision {
     float *class_emb;      /* [D] host                                      */
     mm_tensor *pos_emb;    /* [np+1, D] f32                                 */
     mm_norm pre_ln;        /* pre_layrnorm (sic)                            */
-    mm_vision_layer *layers; /* [n_run]                                     */
+    mm_block *layers;      /* [n_run]; mlp: fc1 -> quick_gelu -> fc2         */
     mm_linear proj0, proj2; /* projector mlp2x_gelu: [H, D], [H, H]          */
 } mm_vision;
 
@@ -222,6 +222,16 @@ static void s_mlp_free(mm_mlp *m) {
     m->loaded = 0;
 }
 
+static void s_block_free(mm_block *b) {
+    s_norm_free(&b->ln1);
+    s_norm_free(&b->ln2);
+    s_linear_free(&b->q);
+    s_linear_free(&b->k);
+    s_linear_free(&b->v);
+    s_linear_free(&b->o);
+    s_mlp_free(&b->mlp);
+}
+
 static int s_load_layer(s_loader *L, int l) {
     mm_model *m = L->m;
     const mm_config *c = &m->cfg;
@@ -234,26 +244,26 @@ static int s_load_layer(s_loader *L, int l) {
 
     if (m->opt.load_trunk) {
         snprintf(name, sizeof name, "%s.input_layernorm", p);
-        if ((rc = s_norm(L, name, H, &ly->ln1)) != MM_OK)
+        if ((rc = s_norm(L, name, H, &ly->b.ln1)) != MM_OK)
             return rc;
         if (!m->parallel) {
             snprintf(name, sizeof name, "%s.post_attention_layernorm", p);
-            if ((rc = s_norm(L, name, H, &ly->ln2)) != MM_OK)
+            if ((rc = s_norm(L, name, H, &ly->b.ln2)) != MM_OK)
                 return rc;
         }
         int qkv_bias = c->arch == MM_ARCH_PHI || c->use_qkv_bias;
         snprintf(name, sizeof name, "%s.self_attn.q_proj", p);
-        if ((rc = s_linear(L, name, qw, H, qkv_bias, &ly->q)) != MM_OK)
+        if ((rc = s_linear(L, name, qw, H, qkv_bias, &ly->b.q)) != MM_OK)
             return rc;
         snprintf(name, sizeof name, "%s.self_attn.k_proj", p);
-        if ((rc = s_linear(L, name, kw, H, qkv_bias, &ly->k)) != MM_OK)
+        if ((rc = s_linear(L, name, kw, H, qkv_bias, &ly->b.k)) != MM_OK)
             return rc;
         snprintf(name, sizeof name, "%s.self_attn.v_proj", p);
-        if ((rc = s_linear(L, name, kw, H, qkv_bias, &ly->v)) != MM_OK)
+        if ((rc = s_linear(L, name, kw, H, qkv_bias, &ly->b.v)) != MM_OK)
             return rc;
         snprintf(name, sizeof name, "%s.self_attn.%s", p,
                  c->arch == MM_ARCH_PHI ? "dense" : "o_proj");
-        if ((rc = s_linear(L, name, H, qw, c->arch == MM_ARCH_PHI, &ly->o)) != MM_OK)
+        if ((rc = s_linear(L, name, H, qw, c->arch == MM_ARCH_PHI, &ly->b.o)) != MM_OK)
             return rc;
         size_t cshape[3] = {(size_t)m->opt.n_slots, (size_t)m->max_ctx, kw};
         if ((rc = mm_tensor_new(m->be, MM_F32, 3, cshape, &ly->kcache)) != MM_OK ||
@@ -262,7 +272,7 @@ static int s_load_layer(s_loader *L, int l) {
                              mm_backend_error(m->be));
         if (moe < 0) {
             snprintf(name, sizeof name, "%s.mlp", p);
-            if ((rc = s_mlp(L, name, &ly->mlp)) != MM_OK)
+            if ((rc = s_mlp(L, name, &ly->b.mlp)) != MM_OK)
                 return rc;
         }
     }
@@ -387,7 +397,7 @@ static int s_load_vision(s_loader *L, const char *vision_dir) {
     if (!v->layers)
         return mm_errorf(L->err, L->errlen, MM_ENOMEM, "vision: out of memory");
     for (int l = 0; l < v->n_run; l++) {
-        mm_vision_layer *ly = &v->layers[l];
+        mm_block *ly = &v->layers[l];
         char p[256];
         snprintf(p, sizeof p, "%s.encoder.layers.%d", prefix, l);
         snprintf(name, sizeof name, "%s.layer_norm1", p);
@@ -439,16 +449,8 @@ static void s_vision_free(mm_vision *v) {
     mm_tensor_destroy(&v->pos_emb);
     free(v->class_emb);
     s_norm_free(&v->pre_ln);
-    for (int l = 0; v->layers && l < v->n_run; l++) {
-        mm_vision_layer *ly = &v->layers[l];
-        s_norm_free(&ly->ln1);
-        s_norm_free(&ly->ln2);
-        s_linear_free(&ly->q);
-        s_linear_free(&ly->k);
-        s_linear_free(&ly->v);
-        s_linear_free(&ly->o);
-        s_mlp_free(&ly->mlp);
-    }
+    for (int l = 0; v->layers && l < v->n_run; l++)
+        s_block_free(&v->layers[l]);
     free(v->layers);
     s_linear_free(&v->proj0);
     s_linear_free(&v->proj2);
@@ -568,13 +570,7 @@ void mm_model_destroy(mm_model **mp) {
     mm_model *m = *mp;
     for (int l = 0; m->layers && l < m->cfg.num_hidden_layers; l++) {
         mm_layer *ly = &m->layers[l];
-        s_norm_free(&ly->ln1);
-        s_norm_free(&ly->ln2);
-        s_linear_free(&ly->q);
-        s_linear_free(&ly->k);
-        s_linear_free(&ly->v);
-        s_linear_free(&ly->o);
-        s_mlp_free(&ly->mlp);
+        s_block_free(&ly->b);
         mm_tensor_destroy(&ly->kcache);
         mm_tensor_destroy(&ly->vcache);
         if (ly->moe) {
@@ -831,7 +827,7 @@ int mm_model_encode_image(mm_model *m, const float *pixels, float *embeds, char 
     TMP(f1, s_tmp(&s, MM_F32, T, (size_t)vc->intermediate_size));
     size_t cshape[3] = {1, T, D};
     for (int l = 0; l < v->n_run; l++) {
-        mm_vision_layer *ly = &v->layers[l];
+        mm_block *ly = &v->layers[l];
         TRY(mm_layernorm(be, hn, h, ly->ln1.w, ly->ln1.b, (float)vc->layer_norm_eps));
         TRY(s_qkv(&s, &ly->q, &ly->k, &ly->v, hn, &q, &k, &vv));
         TRY(mm_tensor_reshape(k, 3, cshape, &kc));
@@ -1096,20 +1092,20 @@ int mm_model_forward(mm_model *m, const mm_step *st, float *logits, int32_t *rou
         mm_layer *ly = &m->layers[l];
         int scratch_mark = s.n;
         /* attention: norm -> q,k,v -> rotary -> cache -> attend -> project */
-        TRY(mm_layernorm(be, xn, x, ly->ln1.w, ly->ln1.b, eps));
-        TRY(s_qkv(&s, &ly->q, &ly->k, &ly->v, xn, &q, &kk, &vv));
+        TRY(mm_layernorm(be, xn, x, ly->b.ln1.w, ly->b.ln1.b, eps));
+        TRY(s_qkv(&s, &ly->b.q, &ly->b.k, &ly->b.v, xn, &q, &kk, &vv));
         TRY(mm_rope(be, q, seq, nh, hd, c->rotary_dims, (float)c->rope_theta));
         TRY(mm_rope(be, kk, seq, nkv, hd, c->rotary_dims, (float)c->rope_theta));
         TRY(mm_kv_store(be, ly->kcache, kk, seq));
         TRY(mm_kv_store(be, ly->vcache, vv, seq));
         TRY(mm_attention(be, att, q, ly->kcache, ly->vcache, seq, nh, nkv, hd,
                          1.0f / sqrtf((float)hd)));
-        TRY(mm_matmul(be, o, att, ly->o.w, ly->o.b));
+        TRY(mm_matmul(be, o, att, ly->b.o.w, ly->b.o.b));
         /* FFN input: the same norm (parallel block, Phi) or a second one */
         const mm_tensor *fin = xn;
         if (!m->parallel) {
             TRY(mm_add(be, x, x, o));
-            TRY(mm_layernorm(be, xn2, x, ly->ln2.w, ly->ln2.b, eps));
+            TRY(mm_layernorm(be, xn2, x, ly->b.ln2.w, ly->b.ln2.b, eps));
             fin = xn2;
         }
         if (ly->moe) {
@@ -1119,7 +1115,7 @@ int mm_model_forward(mm_model *m, const mm_step *st, float *logits, int32_t *rou
             if (rc != MM_OK)
                 goto out;
         } else {
-            TRY(s_mlp_forward(&s, &ly->mlp, fin, f));
+            TRY(s_mlp_forward(&s, &ly->b.mlp, fin, f));
         }
         if (m->parallel)
             TRY(mm_add(be, x, x, o));
