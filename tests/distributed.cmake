@@ -1,0 +1,47 @@
+# Distributed serving (issue 4): black-box tests of medmoe-router + medmoe-expert as real
+# processes on 127.0.0.1 (ephemeral ports, --endpoint-file), compared with medmoe-run on the
+# same tiny checkpoint by tests/reference/compare.py. Driver: tests/distributed/dist_test.py
+# (one scenario per ctest; every process killed at the end, every wait bounded).
+# Registered only once both programs exist, so the tree builds while they are missing.
+if(TARGET medmoe-router AND TARGET medmoe-expert AND TARGET medmoe-run)
+  set(MM_DIST_DRIVER ${CMAKE_CURRENT_SOURCE_DIR}/distributed/dist_test.py)
+  set(MM_DIST_KEYGEN "")
+  if(TARGET medmoe-keygen)
+    set(MM_DIST_KEYGEN --keygen $<TARGET_FILE:medmoe-keygen>)
+  endif()
+
+  # name | checkpoint | scenario | timeout (s)
+  set(MM_DIST_TESTS
+      "equiv_stablelm-f32|stablelm-f32|equiv|60"
+      "equiv_phi-f32|phi-f32|equiv|60"
+      "equiv_stablelm-bf16|stablelm-bf16|equiv|60"
+      "replicas|stablelm-f32|replicas|60"
+      "kill|stablelm-f32|kill|90"
+      "freeze|stablelm-f32|freeze|90"
+      "unavailable|stablelm-f32|unavailable|60"
+      "fingerprint|stablelm-f32|fingerprint|60"
+      "garbage|stablelm-f32|garbage|90"
+      "rogue|stablelm-f32|rogue|60"
+      "cli|stablelm-f32|cli|60")
+  if(TARGET medmoe-keygen)
+    list(APPEND MM_DIST_TESTS "curve|stablelm-f32|curve|60")
+  endif()
+
+  foreach(spec ${MM_DIST_TESTS})
+    string(REPLACE "|" ";" spec "${spec}")
+    list(GET spec 0 name)
+    list(GET spec 1 ckpt)
+    list(GET spec 2 scenario)
+    list(GET spec 3 timeout)
+    add_test(NAME dist_${name}
+             COMMAND ${MM_PYTHON} ${MM_DIST_DRIVER} --scenario ${scenario}
+                     --router $<TARGET_FILE:medmoe-router> --expert $<TARGET_FILE:medmoe-expert>
+                     --run $<TARGET_FILE:medmoe-run> ${MM_DIST_KEYGEN}
+                     --model ${MM_TEST_DATA}/tiny-${ckpt} --image ${MM_TEST_DATA}/images/case.png
+                     --workdir ${MM_TEST_DATA}/dist/${name}
+                     --maker ${CMAKE_SOURCE_DIR}/tools/make_tiny_checkpoint.py)
+    set_tests_properties(dist_${name} PROPERTIES
+                         FIXTURES_REQUIRED "tiny_${ckpt};tiny_images"
+                         TIMEOUT ${timeout} LABELS "distributed")
+  endforeach()
+endif()

@@ -1,0 +1,738 @@
+#!/usr/bin/python3
+"""Black-box tests of distributed serving (issue 4): medmoe-router + medmoe-expert processes
+on 127.0.0.1 (ephemeral ports) against medmoe-run on the same tiny checkpoint.
+
+    dist_test.py --scenario NAME --router BIN --expert BIN --run BIN [--keygen BIN]
+                 --model DIR --image PNG --workdir DIR [--maker make_tiny_checkpoint.py]
+
+Scenarios (one ctest each, see tests/distributed.cmake):
+  equiv        router + 4 experts answer 3 cases (generation, no_pad, candidates) exactly
+               like medmoe-run (compare.py: tokens, routing, candidates)
+  replicas     two replicas of one expert: both serve batches (stats), answers equal
+  kill         kill -9 of the replica serving an expert mid-generation: same tokens
+  freeze       SIGSTOP of that replica: declared dead after ~3 heartbeats, work re-sent,
+               same tokens; SIGCONT afterwards (its late reply discarded): still equal
+  unavailable  all replicas of an expert gone: UNAVAILABLE naming it within the wait; the
+               router stays up and serves the next case once a replica is back
+  fingerprint  an expert on another checkpoint (other seed) exits 3 "refused by router: ..."
+  garbage      random frames, empty, truncated, version 999, unknown batch ids, Work from
+               an expert, wrong tensor sizes, spoofed Results mid-case: router stays up,
+               answers stay equal
+  rogue        a peer welcomed with a real expert's Hello answers its Work wrongly (bad rows,
+               sizes, ids, no tensor, BUSY/DRAINING + late replies): dropped, re-sent, exact
+  curve        CurveZMQ: allowed key serves, unlisted key gets nothing
+  cli          --help, bad arguments, SIGTERM → exit 0 promptly
+Every process is SIGKILLed at the end (process groups); every wait is bounded.
+"""
+
+import argparse
+import json
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import distlib as D  # noqa: E402
+from distlib import TestFailure, log  # noqa: E402
+
+HB_MS = 200          # heartbeat interval used by every test (dead after 3 = 0.6 s)
+CASE_TIMEOUT = 30.0  # seconds for any one case (tiny model: normally well under 1 s)
+
+
+def std_cases(image):
+    return [
+        {"id": "gen", "image": image, "question": "What modality is this image?", "max_tokens": 16},
+        {"id": "nopad", "image": image, "question": "Is there a fracture?", "max_tokens": 6,
+         "no_pad": True},
+        {"id": "classify", "image": image, "question": "What modality is this image?", "max_tokens": 0,
+         "candidates": "ct,mri,x-ray,pathology"},
+    ]
+
+
+def long_case(image, n=32):
+    return {"id": "long", "image": image, "question": "Describe the findings in this image.", "max_tokens": n}
+
+
+class Ctx:
+    def __init__(self, a):
+        self.a = a
+        self.bins = {"router": a.router, "expert": a.expert, "run": a.run, "keygen": a.keygen}
+        self.work = D.fresh_dir(a.workdir)
+        with open(os.path.join(a.model, "config.json")) as f:
+            cfg = json.load(f)
+        self.hidden = cfg["hidden_size"]
+        self.n_experts = cfg["moe"]["num_experts"][0]
+
+    def cluster(self, sub):
+        return D.Cluster(self.bins, os.path.join(self.work, sub), hb_ms=HB_MS)
+
+    def ref(self, case):
+        return D.reference(self.a.run, self.a.model, case, self.work)
+
+    def ask_equal(self, cl, case, what=None, timeout=CASE_TIMEOUT):
+        ref, ref_path = self.ref(case)
+        t0 = time.monotonic()
+        ans = cl.router.ask(case, timeout)
+        dt = time.monotonic() - t0
+        D.check_equal(ans, ref_path, cl.workdir, what or case["id"])
+        return ans, dt
+
+    def start_all(self, cl, extra=(), skip=()):
+        return [cl.start_expert(self.a.model, k, extra=extra) for k in range(self.n_experts) if k not in skip]
+
+
+def replicas_of(stats, k):
+    return [r for r in stats.get("replicas", []) if r.get("expert") == k]
+
+
+def busiest_decode_expert(ref, from_frac=0.25):
+    """The expert chosen most often by the decode steps after the first quarter."""
+    p0 = ref["prompt_len"]
+    n = len(ref["tokens"])
+    counts = {}
+    for r in ref["routing"]:
+        ex = r["experts"]
+        for pos in range(p0 + int(n * from_frac), len(ex)):
+            for e in ex[pos]:
+                counts[e] = counts.get(e, 0) + 1
+    if not counts:
+        raise TestFailure("reference routing has no decode positions (prompt_len %d, %d positions)"
+                          % (p0, max(len(r["experts"]) for r in ref["routing"])))
+    return max(sorted(counts), key=lambda e: counts[e]), counts
+
+
+# ---------------------------------------------------------------------------------------------
+def sc_equiv(c):
+    cases = std_cases(c.a.image)
+    for case in cases:
+        c.ref(case)
+    with c.cluster("equiv") as cl:
+        cl.start_router(c.a.model)
+        c.start_all(cl)
+        for case in cases:
+            c.ask_equal(cl, case)
+        stats = cl.finish_router()
+        for k in range(c.n_experts):
+            served = sum(r.get("batches", 0) for r in replicas_of(stats, k))
+            if served <= 0:
+                raise TestFailure("stats: expert %d served no batches, but the cases use it: %s"
+                                  % (k, json.dumps(stats.get("replicas"))))
+
+
+def sc_replicas(c):
+    cases = std_cases(c.a.image)
+    ref, _ = c.ref(cases[0])
+    k, _ = busiest_decode_expert(ref, 0.0)
+    with c.cluster("replicas") as cl:
+        cl.start_router(c.a.model)
+        c.start_all(cl)
+        cl.start_expert(c.a.model, k, tag="b")
+        for rep in range(2):
+            for case in cases:
+                case = dict(case, id="%s-%d" % (case["id"], rep))
+                c.ask_equal(cl, case)
+        stats = cl.finish_router()
+        reps = replicas_of(stats, k)
+        if len(reps) != 2:
+            raise TestFailure("stats list %d replicas of expert %d, want 2: %s" % (len(reps), k, json.dumps(reps)))
+        for r in reps:
+            if r.get("batches", 0) <= 0:
+                raise TestFailure("replica %r of expert %d served no batches (both replicas must receive "
+                                  "work): %s" % (r.get("id"), k, json.dumps(reps)))
+        log("expert %d replicas: %s" % (k, json.dumps(reps)))
+
+
+def sc_kill(c):
+    def kill9(p):
+        p.signal(signal.SIGKILL)
+
+    case = long_case(c.a.image)
+    ref, ref_path = c.ref(case)
+    k, counts = busiest_decode_expert(ref)
+    extra = ["--debug-delay-ms", "40"]
+    with c.cluster("kill") as cl:
+        cl.start_router(c.a.model)
+        c.start_all(cl, extra=extra, skip=(k,))
+        a = cl.start_expert(c.a.model, k, extra=extra, tag="a")
+        b = cl.start_expert(c.a.model, k, extra=extra, tag="b")
+        _, base = c.ask_equal(cl, dict(case, id="baseline"), "baseline")
+        log("baseline: %.2f s, %d tokens (expert %d has replicas A pid %d, B pid %d)"
+            % (base, len(ref["tokens"]), k, a.pid, b.pid))
+        cl.router.send(dict(case, id="killed"))
+        t0 = time.monotonic()
+        time.sleep(max(0.3, base / 4))
+        kill9(a)
+        log("kill -9 replica A of expert %d at %.2f s" % (k, time.monotonic() - t0))
+        ans = cl.router.receive("killed", CASE_TIMEOUT)
+        dt = time.monotonic() - t0
+        D.check_equal(ans, ref_path, cl.workdir, "killed")
+        log("case with a kill -9 took %.2f s (baseline %.2f s)" % (dt, base))
+        if not cl.router.alive():
+            raise TestFailure("router died")
+        c.ask_equal(cl, std_cases(c.a.image)[0], "after-kill")
+        stats = cl.finish_router()
+        reps = replicas_of(stats, k)
+        log("expert %d replicas: %s; resent_batches %s" % (k, json.dumps(reps), stats.get("resent_batches")))
+        if not any(r.get("batches", 0) > 0 for r in reps):
+            raise TestFailure("stats: no replica of expert %d served batches: %s" % (k, json.dumps(reps)))
+        if not any(r.get("alive") is False for r in reps):
+            raise TestFailure("stats: the killed replica of expert %d is not listed with alive=false: %s"
+                              % (k, json.dumps(reps)))
+        # The kill only tests the re-send if the killed replica had work: with the contract's
+        # tie-break (first joined) A serves everything until it dies.
+        dead = [r for r in reps if r.get("alive") is False]
+        if not any(r.get("batches", 0) > 0 for r in dead):
+            raise TestFailure("the killed replica had served no batches before the kill, so the test did "
+                              "not exercise a re-send (contract: ties go to the replica that joined "
+                              "first): %s" % json.dumps(reps))
+
+
+def sc_freeze(c):
+    case = long_case(c.a.image)
+    ref, ref_path = c.ref(case)
+    k, counts = busiest_decode_expert(ref)
+    extra = ["--debug-delay-ms", "40"]
+    with c.cluster("freeze") as cl:
+        cl.start_router(c.a.model)
+        c.start_all(cl, extra=extra, skip=(k,))
+        a = cl.start_expert(c.a.model, k, extra=extra, tag="a")
+        cl.start_expert(c.a.model, k, extra=extra, tag="b")
+        _, base = c.ask_equal(cl, dict(case, id="baseline"), "baseline")
+        cl.router.send(dict(case, id="frozen"))
+        t0 = time.monotonic()
+        time.sleep(max(0.3, base / 4))
+        a.signal(signal.SIGSTOP)
+        log("SIGSTOP replica A of expert %d (pid %d) at %.2f s" % (k, a.pid, time.monotonic() - t0))
+        ans = cl.router.receive("frozen", CASE_TIMEOUT)
+        dt = time.monotonic() - t0
+        D.check_equal(ans, ref_path, cl.workdir, "frozen")
+        bound = base + 3 * HB_MS / 1000.0 + 2.0
+        log("case with a frozen replica took %.2f s (baseline %.2f s, bound %.2f s)" % (dt, base, bound))
+        if dt > bound:
+            raise TestFailure("case with a frozen replica took %.2f s > baseline %.2f s + 3 heartbeats + 2 s: "
+                              "the frozen replica was not declared dead after ~3 heartbeats" % (dt, base))
+        a.signal(signal.SIGCONT)
+        time.sleep(4 * HB_MS / 1000.0)  # its late reply and heartbeats arrive now
+        if not cl.router.alive():
+            raise TestFailure("router died after the frozen replica woke up\n" + cl.router.describe())
+        for case2 in std_cases(c.a.image)[::2]:
+            c.ask_equal(cl, dict(case2, id="after-cont-" + case2["id"]))
+        stats = cl.finish_router()
+        reps = replicas_of(stats, k)
+        log("expert %d replicas: %s; resent_batches %s" % (k, json.dumps(reps), stats.get("resent_batches")))
+        if not any(r.get("alive") is False for r in reps):
+            raise TestFailure("stats: no replica of expert %d is listed dead, yet one was frozen for %.1f s "
+                              "(> 3 heartbeats of %d ms): %s" % (k, dt - max(0.3, base / 4), HB_MS, json.dumps(reps)))
+
+
+def sc_unavailable(c):
+    cases = std_cases(c.a.image)
+    refs = [c.ref(x)[0] for x in cases]
+    wait_ms = 1500
+    with c.cluster("unavailable") as cl:
+        cl.start_router(c.a.model, expert_wait_ms=wait_ms)
+        experts = c.start_all(cl)
+        c.ask_equal(cl, cases[0], "before")
+        k = D.experts_used(refs[0])[-1]
+        victim = experts[k]
+        victim.signal(signal.SIGKILL)
+        victim.wait(5)
+        log("killed the only replica of expert %d" % k)
+        t0 = time.monotonic()
+        ans = cl.router.ask(dict(cases[0], id="no-replica"), CASE_TIMEOUT)
+        dt = time.monotonic() - t0
+        log("answer without expert %d after %.2f s: %s" % (k, dt, json.dumps(
+            {x: ans.get(x) for x in ("status", "code", "message")})))
+        if ans.get("status") != "error":
+            raise TestFailure("case needing dead expert %d answered status %r, want 'error'" % (k, ans.get("status")))
+        if ans.get("code") != "UNAVAILABLE":
+            raise TestFailure("error code %r, want 'UNAVAILABLE' (message %r)" % (ans.get("code"), ans.get("message")))
+        if not re.search(r"\bexpert %d\b" % k, str(ans.get("message", ""))):
+            raise TestFailure("error message %r does not name 'expert %d'" % (ans.get("message"), k))
+        bound = wait_ms / 1000.0 + 3 * HB_MS / 1000.0 + 2.0
+        if dt > bound:
+            raise TestFailure("UNAVAILABLE came after %.2f s > --expert-wait-ms %d + 3 heartbeats + 2 s"
+                              % (dt, wait_ms))
+        if not cl.router.alive():
+            raise TestFailure("router exited after the UNAVAILABLE case\n" + cl.router.describe())
+        # A following case that needs only live experts must succeed.
+        spare = [(x, r) for x, r in zip(cases, refs) if k not in D.experts_used(r)]
+        if spare:
+            c.ask_equal(cl, dict(spare[0][0], id="live-only"))
+        else:
+            log("every case uses expert %d with this checkpoint: restarting a replica instead" % k)
+            cl.start_expert(c.a.model, k, tag="again")
+            for x in cases:
+                c.ask_equal(cl, dict(x, id="after-restart-" + x["id"]))
+        if not cl.router.alive():
+            raise TestFailure("router exited\n" + cl.router.describe())
+        cl.finish_router()
+
+
+def sc_fingerprint(c):
+    other = os.path.join(c.work, "other-seed")
+    with open(os.path.join(c.a.model, "config.json")) as f:
+        cfg = json.load(f)
+    backbone = "phi" if "phi" in cfg["model_type"] else "stablelm"
+    dtype = "bf16" if cfg.get("torch_dtype") == "bfloat16" else "f32"
+    p = subprocess.run([D.PYTHON, c.a.maker, "--out", other, "--backbone", backbone, "--dtype", dtype,
+                        "--seed", "7"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    if p.returncode != 0:
+        raise TestFailure("make_tiny_checkpoint.py --seed 7 failed: " + p.stdout)
+    case = std_cases(c.a.image)[0]
+    c.ref(case)
+    with c.cluster("fingerprint") as cl:
+        cl.start_router(c.a.model, wait_experts_ms=5000)
+        k = 1
+        bad = cl.start_expert(other, k, wait_joined=False, tag="other")
+        rc = bad.wait(15)
+        if rc is None:
+            raise TestFailure("expert on another checkpoint still running after 15 s; it must be refused and "
+                              "exit 3\n" + bad.describe())
+        text = bad.log_text()
+        if rc != 3:
+            raise TestFailure("refused expert exited with status %d, want 3\n%s" % (rc, bad.describe()))
+        m = re.search(r"refused by router: *(\S.*)", text)
+        if not m:
+            raise TestFailure("refused expert did not print 'refused by router: <reason>'\n" + bad.describe())
+        log("refused as expected: %s" % m.group(1))
+        c.start_all(cl)
+        c.ask_equal(cl, case, "after-refusal")
+        stats = cl.finish_router()
+        refused = stats.get("refused")
+        if not refused or not any(str(r.get("reason", "")).strip() for r in refused):
+            raise TestFailure("stats 'refused' does not list the refusal with a reason: %r" % (refused,))
+        log("stats refused: %s" % json.dumps(refused))
+        if len(replicas_of(stats, k)) != 1:
+            raise TestFailure("stats list %d replicas of expert %d (want 1: the refused one is no replica): %s"
+                              % (len(replicas_of(stats, k)), k, json.dumps(stats.get("replicas"))))
+
+
+def _pb2(c):
+    """Python classes for proto/expert_wire.proto, generated into the work dir."""
+    proto = os.path.join(os.path.dirname(os.path.dirname(D.HERE)), "proto", "expert_wire.proto")
+    out = os.path.join(c.work, "pb")
+    os.makedirs(out, exist_ok=True)
+    p = subprocess.run([D.PYTHON, "-m", "grpc_tools.protoc", "-I" + os.path.dirname(proto),
+                        "--python_out=" + out, proto], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True, timeout=60)
+    if p.returncode != 0:
+        raise TestFailure("grpc_tools.protoc on %s failed: %s" % (proto, p.stdout))
+    sys.path.insert(0, out)
+    import expert_wire_pb2
+    return expert_wire_pb2
+
+
+def sc_garbage(c):
+    import zmq
+    pb = _pb2(c)
+    cases = std_cases(c.a.image)
+    long = long_case(c.a.image, 24)
+    for x in cases + [long]:
+        c.ref(x)
+    H = c.hidden
+
+    def env(**kw):
+        e = pb.Envelope(**kw)
+        return e.SerializeToString()
+
+    def tensor(rows, width):
+        return os.urandom(rows * width * 4)
+
+    with c.cluster("garbage") as cl:
+        cl.start_router(c.a.model)
+        # batches stay in flight 20 ms each, so the spoofed results below meet live batch ids
+        c.start_all(cl, extra=["--debug-delay-ms", "20"])
+        c.ask_equal(cl, cases[0], "before-garbage")
+        ctx = zmq.Context()
+        socks = []
+        try:
+            def dealer():
+                s = ctx.socket(zmq.DEALER)
+                s.setsockopt(zmq.LINGER, 0)
+                s.setsockopt(zmq.SNDTIMEO, 2000)
+                s.connect(cl.endpoint)
+                socks.append(s)
+                return s
+
+            s = dealer()
+            sent = 0
+            msgs = []
+            for n in (1, 3, 17, 300, 5000):
+                msgs.append([os.urandom(n)])
+            msgs.append([os.urandom(40), os.urandom(7), os.urandom(999)])
+            msgs.append([b""])
+            msgs.append([b"", b""])
+            hello_ok = env(hello=pb.Hello(version=1, expert=0, fingerprint="0" * 64, backend="cpu",
+                                          capacity=0, node="garbage:1"))
+            msgs.append([hello_ok[: len(hello_ok) // 2]])                         # truncated protobuf
+            msgs.append([env()])                                                 # no oneof field set
+            msgs.append([env(hello=pb.Hello(version=999, expert=0, fingerprint="0" * 64))])
+            msgs.append([env(hello=pb.Hello(version=1, expert=99, fingerprint="0" * 64))])
+            msgs.append([env(hello=pb.Hello(version=1, expert=-1, fingerprint="0" * 64))])
+            res = dict(batch_id=987654321, layer=0, moe=0, expert=0, rows=2, width=H, dtype=1, error=0)
+            msgs.append([env(result=pb.Result(**res)), tensor(2, H)])             # unknown batch id
+            msgs.append([env(result=pb.Result(**res))])                          # result without tensor
+            msgs.append([env(result=pb.Result(**dict(res, batch_id=1))), os.urandom(5)])  # wrong size
+            msgs.append([env(result=pb.Result(**dict(res, rows=1 << 30))), tensor(1, H)])   # absurd rows
+            msgs.append([env(work=pb.Work(batch_id=1, layer=0, moe=0, expert=0, rows=2, width=H, dtype=1)),
+                         tensor(2, H)])                                           # wrong direction
+            msgs.append([env(welcome=pb.Welcome(version=1, heartbeat_ms=1, replica_id="x"))])
+            msgs.append([env(refuse=pb.Refuse(reason="x"))])
+            msgs.append([env(heartbeat=pb.Heartbeat())])
+            msgs.append([env(bye=pb.Bye(reason="garbage"))])
+            for m in msgs:
+                s.send_multipart(m)
+                sent += 1
+            # the version-999 Hello and the bad fingerprints may get a Refuse; never a Welcome
+            deadline = time.monotonic() + 1.0
+            replies = []
+            while time.monotonic() < deadline:
+                if s.poll(100):
+                    replies.append(s.recv_multipart())
+            for r in replies:
+                e = pb.Envelope()
+                try:
+                    e.ParseFromString(r[0])
+                except Exception as ex:  # noqa: BLE001
+                    raise TestFailure("router replied with a frame that is not an Envelope: %r (%s)" % (r[:1], ex))
+                kind = e.WhichOneof("body")
+                if kind == "welcome":
+                    raise TestFailure("router WELCOMED a garbage peer (bad fingerprint / version 999): %s" % e)
+                log("garbage peer got a %s: %s" % (kind, str(e).strip().replace("\n", " ")))
+            if not cl.router.alive():
+                raise TestFailure("router died from garbage on its socket\n" + cl.router.describe())
+            log("sent %d garbage messages; router alive" % sent)
+
+            # A second peer spoofs Results for plausible batch ids (rows 1 = one decode token)
+            # while a case is decoding: a reply from a peer that was never sent that batch must
+            # be discarded, so the answer must stay exact.
+            spoof = dealer()
+            with open(os.path.join(c.a.model, "config.json")) as f:
+                moe_layers = json.load(f)["moe"]["moe_layers_idx"]
+            zeros = b"\0" * (H * 4)
+            spoofed = 0
+            cl.router.send(dict(long, id="spoofed"))
+            t_end = time.monotonic() + 20
+            bid = 0
+            got = None
+            while got is None and time.monotonic() < t_end:
+                for _ in range(20):
+                    for moe, layer in enumerate(moe_layers):
+                        for e in range(c.n_experts):
+                            r = pb.Result(batch_id=bid, layer=layer, moe=moe, expert=e, rows=1, width=H,
+                                          dtype=1, error=0)
+                            try:
+                                spoof.send_multipart([env(result=r), zeros], zmq.NOBLOCK)
+                                spoofed += 1
+                            except zmq.Again:
+                                pass
+                    bid = (bid + 1) % 400  # this router has sent far fewer batches than 400 by now
+                try:
+                    line = cl.router.lines.get(timeout=0.01)
+                except Exception:  # noqa: BLE001
+                    continue
+                if line is None:
+                    raise TestFailure("router stdout closed during the spoofing (status %s)\n%s"
+                                      % (cl.router.p.poll(), cl.router.describe()))
+                if line.strip().startswith("{"):
+                    got = json.loads(line)
+            if got is None:
+                raise TestFailure("no answer to the spoofed case within 20 s")
+            ref_path = c.ref(long)[1]
+            D.check_equal(got, ref_path, cl.workdir, "spoofed-results")
+            log("%d spoofed results (batch ids 0..399, every layer/expert, 1 row of zeros) did not "
+                "change the answer" % spoofed)
+        finally:
+            for s in socks:
+                s.close(0)
+            ctx.term()
+        for x in cases:
+            c.ask_equal(cl, dict(x, id="after-garbage-" + x["id"]))
+        stats = cl.finish_router()
+        dropped = stats.get("dropped_messages")
+        log("stats dropped_messages = %r" % dropped)
+        if not isinstance(dropped, int) or dropped < 10:
+            raise TestFailure("stats dropped_messages = %r after %d garbage messages (want >= 10)" % (dropped, sent))
+
+
+def _capture_hello(c, cl, pb, k):
+    """The Hello a real medmoe-expert for expert k sends (fingerprint included): a real expert
+    is pointed at our own ROUTER socket, its first message kept, the expert killed."""
+    import zmq
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.ROUTER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.bind("tcp://127.0.0.1:*")
+    ep = s.getsockopt_string(zmq.LAST_ENDPOINT)
+    e = cl.start_expert(c.a.model, k, endpoint=ep, wait_joined=False, tag="-hello-donor")
+    try:
+        if not s.poll(15000):
+            raise TestFailure("a real expert sent no Hello to a bare ROUTER within 15 s\n" + e.describe())
+        frames = s.recv_multipart()
+        env = pb.Envelope()
+        env.ParseFromString(frames[1])
+        if env.WhichOneof("body") != "hello":
+            raise TestFailure("the expert's first message is a %s, not a Hello" % env.WhichOneof("body"))
+        return env.hello
+    finally:
+        e.kill()
+        s.close(0)
+
+
+def sc_rogue(c):
+    """A peer that presents a real expert's Hello (so it is welcomed as a replica of expert K)
+    and then misbehaves on the Work it gets: results for other batch ids, Work sent back,
+    random frames, wrong row counts, wrong tensor sizes, a missing tensor frame, BUSY then a
+    late result, DRAINING then a late result. The router must drop / re-send each time (the
+    contract: malformed → dropped; a reply from a replica the batch is not assigned to is
+    discarded) and the case must still equal medmoe-run."""
+    import threading
+    import zmq
+    pb = _pb2(c)
+    case = long_case(c.a.image, 24)
+    ref, ref_path = c.ref(case)
+    k, _ = busiest_decode_expert(ref)
+    H = c.hidden
+    with c.cluster("rogue") as cl:
+        cl.start_router(c.a.model)
+        hello = _capture_hello(c, cl, pb, k)
+        hello.node = "rogue:%d" % os.getpid()
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(cl.endpoint)
+        hello_bytes = pb.Envelope(hello=hello).SerializeToString()
+        sock.send(hello_bytes)
+        if not sock.poll(5000):
+            raise TestFailure("router answered nothing to a real expert's Hello sent by the test peer")
+        env = pb.Envelope()
+        env.ParseFromString(sock.recv_multipart()[0])
+        if env.WhichOneof("body") != "welcome":
+            raise TestFailure("router did not welcome a real expert's Hello: %s" % env)
+        log("test peer welcomed as %s (expert %d)" % (env.welcome.replica_id, k))
+        c.start_all(cl)
+        events, stop, errors = [], threading.Event(), []
+
+        def result(w, **kw):
+            f = dict(batch_id=w.batch_id, layer=w.layer, moe=w.moe, expert=w.expert, rows=w.rows,
+                     width=w.width, dtype=w.dtype, error=0)
+            f.update(kw)
+            return pb.Envelope(result=pb.Result(**f)).SerializeToString()
+
+        def rogue():
+            try:
+                n = 0
+                while not stop.is_set():
+                    if not sock.poll(50):
+                        continue
+                    fr = sock.recv_multipart()
+                    e = pb.Envelope()
+                    try:
+                        e.ParseFromString(fr[0])
+                    except Exception:  # noqa: BLE001
+                        errors.append("router sent a frame that is not an Envelope")
+                        continue
+                    kind = e.WhichOneof("body")
+                    if kind in ("welcome", "refuse"):
+                        events.append("%s %s" % (kind, str(getattr(e, kind)).strip().replace("\n", " ")))
+                        continue
+                    if kind != "work":
+                        continue
+                    w = e.work
+                    good = b"\0" * (w.rows * w.width * 4)
+                    if len(fr) != 2 or len(fr[1]) != len(good):
+                        errors.append("Work %d came with %d frames / %d tensor bytes (rows %d width %d)"
+                                      % (w.batch_id, len(fr), len(fr[1]) if len(fr) > 1 else -1, w.rows, w.width))
+                    step = n % 5
+                    n += 1
+                    sock.send_multipart([result(w, batch_id=w.batch_id + 100000), good])  # unknown id
+                    sock.send_multipart([pb.Envelope(work=w).SerializeToString(), good])  # wrong direction
+                    sock.send_multipart([os.urandom(33)])
+                    if step == 0:
+                        sock.send_multipart([result(w, rows=w.rows + 1), good])           # wrong rows
+                    elif step == 1:
+                        sock.send_multipart([result(w), good[:-4]])                       # short tensor
+                    elif step == 2:
+                        sock.send_multipart([result(w)])                                 # no tensor
+                    elif step == 3:
+                        sock.send_multipart([result(w, error=1, message="test: busy")])   # BUSY
+                    else:
+                        sock.send_multipart([result(w, error=2, message="test: draining")])  # DRAINING
+                    events.append("%.3f work %d (layer %d expert %d rows %d): misbehaviour %d"
+                                  % (time.monotonic(), w.batch_id, w.layer, w.expert, w.rows, step))
+                    # A late, well-formed reply of zeros for a batch no longer assigned to this
+                    # peer must be discarded. It is only sent while that is certain: after steps
+                    # 0 and 1 this replica has been removed (and not yet joined again); after
+                    # BUSY / DRAINING the batch went to another replica. After step 2 (a Result
+                    # without its tensor is dropped as malformed, the batch stays ours) zeros
+                    # would rightly be accepted — wrong values from a replica in good standing
+                    # cannot be detected — so none are sent.
+                    if step != 2:
+                        time.sleep(0.03)
+                        sock.send_multipart([result(w), good])
+                    if step < 3:
+                        # join again; after step 2 a second Hello on the connection removes the
+                        # replica and re-sends its batch
+                        sock.send(hello_bytes)
+            except Exception as ex:  # noqa: BLE001
+                errors.append("rogue thread: %r" % ex)
+
+        t = threading.Thread(target=rogue, daemon=True)
+        t.start()
+        try:
+            c.ask_equal(cl, dict(case, id="with-rogue"), "with-rogue")
+            for x in std_cases(c.a.image):
+                c.ask_equal(cl, dict(x, id="rogue-" + x["id"]))
+        finally:
+            stop.set()
+            t.join(5)
+            sock.close(0)
+            for ev in events:
+                log("test peer: " + ev)
+        if errors:
+            raise TestFailure("; ".join(errors))
+        if not any(" work " in ev for ev in events):
+            raise TestFailure("the misbehaving replica (joined first) was sent no Work, so nothing was tested")
+        if not cl.router.alive():
+            raise TestFailure("router died\n" + cl.router.describe())
+        stats = cl.finish_router()
+        log("stats: dropped_messages %s, resent_batches %s" % (stats.get("dropped_messages"),
+                                                             stats.get("resent_batches")))
+
+
+def sc_curve(c):
+    keys = os.path.join(c.work, "keys")
+    os.makedirs(keys, exist_ok=True)
+    for name in ("router", "a", "b"):
+        prefix = os.path.join(keys, name)
+        p = subprocess.run([c.a.keygen, prefix], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           timeout=20)
+        if p.returncode != 0:
+            raise TestFailure("medmoe-keygen %s failed (%d): %s" % (prefix, p.returncode, p.stdout))
+        for ext, n in ((".key", 40), (".pub", 40)):
+            with open(prefix + ext) as f:
+                v = f.read().strip()
+            if len(v) != n:
+                raise TestFailure("%s%s holds %d characters, want a %d-character Z85 key" % (prefix, ext, len(v), n))
+        mode = stat.S_IMODE(os.stat(prefix + ".key").st_mode)
+        if mode & 0o077:
+            raise TestFailure("%s.key has mode %o: a secret key must be 0600" % (prefix, mode))
+    with open(os.path.join(keys, "a.pub")) as fa, open(os.path.join(keys, "b.pub")) as fb:
+        if fa.read() == fb.read():
+            raise TestFailure("medmoe-keygen wrote the same key twice")
+    cases = std_cases(c.a.image)
+    for x in cases:
+        c.ref(x)
+    k = 2
+    K = lambda n: os.path.join(keys, n)  # noqa: E731
+    curve_a = ["--curve-server-key", K("router.pub"), "--curve-key", K("a.key")]
+    curve_b = ["--curve-server-key", K("router.pub"), "--curve-key", K("b.key")]
+    with c.cluster("curve") as cl:
+        cl.start_router(c.a.model, wait_experts_ms=2000, expert_wait_ms=1500,
+                        extra=["--curve-secret-key", K("router.key"), "--curve-allow", K("a.pub")])
+        bexp = cl.start_expert(c.a.model, k, extra=curve_b, wait_joined=False, tag="keyB")
+        c.start_all(cl, extra=curve_a, skip=(k,))
+        time.sleep(0.5)
+        ans = cl.router.ask(dict(cases[0], id="only-b"), CASE_TIMEOUT)
+        log("case needing expert %d served only by the unlisted key: %s" % (
+            k, json.dumps({x: ans.get(x) for x in ("status", "code", "message")})))
+        if ans.get("status") != "error" or ans.get("code") != "UNAVAILABLE":
+            raise TestFailure("expert %d is hosted only by an expert with an unlisted key, yet the case got "
+                              "status %r code %r (want error UNAVAILABLE): the unlisted expert was served"
+                              % (k, ans.get("status"), ans.get("code")))
+        cl.start_expert(c.a.model, k, extra=curve_a, tag="keyA")
+        for x in cases:
+            c.ask_equal(cl, dict(x, id="curve-" + x["id"]))
+        if not bexp.alive() and bexp.p.returncode == 0:
+            log("note: the expert with the unlisted key exited 0")
+        stats = cl.finish_router()
+        reps = replicas_of(stats, k)
+        if len(reps) != 1:
+            raise TestFailure("stats list %d replicas of expert %d, want 1 (the unlisted key must not be a "
+                              "replica): %s" % (len(reps), k, json.dumps(reps)))
+        for kk in range(c.n_experts):
+            if not any(r.get("batches", 0) > 0 for r in replicas_of(stats, kk)):
+                raise TestFailure("over CURVE, expert %d served no batches: %s" % (kk, json.dumps(stats)))
+
+
+def sc_cli(c):
+    problems = []  # collected, so that one bad answer does not hide the others
+    progs = [("router", c.a.router), ("expert", c.a.expert)]
+    if c.a.keygen:
+        progs.append(("keygen", c.a.keygen))
+    scratch = os.path.join(c.work, "cwd")  # a program that takes an option for a file name writes here
+    os.makedirs(scratch, exist_ok=True)
+    for name, b in progs:
+        p = subprocess.run([b, "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=10,
+                           cwd=scratch)
+        if p.returncode != 0:
+            problems.append("%s --help exited %d, want 0" % (name, p.returncode))
+        elif "usage" not in p.stdout.lower():
+            problems.append("%s --help printed no 'usage' on stdout: %r" % (name, p.stdout[:300]))
+        p = subprocess.run([b, "--no-such-option"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           timeout=10, cwd=scratch)
+        if p.returncode == 0:
+            problems.append("%s --no-such-option exited 0 (want a usage error)%s"
+                            % (name, "; it wrote %s" % sorted(os.listdir(scratch)) if os.listdir(scratch) else ""))
+    for name, b in progs[:2]:
+        p = subprocess.run([b], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=10, cwd=scratch)
+        if p.returncode == 0:
+            problems.append("%s without its required options exited 0" % name)
+    with c.cluster("cli") as cl:
+        r = cl.start_router(c.a.model, extra=["--serve"])
+        e = c.start_all(cl)[0]
+        c.ask_equal(cl, dict(std_cases(c.a.image)[0], max_tokens=2, id="one"))
+        for proc, what in ((e, "expert"), (r, "router")):
+            t0 = time.monotonic()
+            proc.signal(signal.SIGTERM)
+            rc = proc.wait(5)
+            if rc is None:
+                problems.append("%s still running 5 s after SIGTERM\n%s" % (what, proc.describe()))
+            elif rc != 0:
+                problems.append("%s exited %d after SIGTERM, want 0\n%s" % (what, rc, proc.describe()))
+            else:
+                log("%s exited 0 %.2f s after SIGTERM" % (what, time.monotonic() - t0))
+        # --serve: the case input ending does not stop the router; SIGINT does
+        r2 = cl.start_router(c.a.model, wait_experts_ms=0, extra=["--serve"])
+        r2.close_input()
+        if r2.wait(1.0) is not None:
+            problems.append("router --serve exited (%d) when its case input ended" % r2.p.returncode)
+        else:
+            r2.signal(signal.SIGINT)
+            rc = r2.wait(5)
+            if rc != 0:
+                problems.append("router --serve: SIGINT gave %r, want exit 0 within 5 s\n%s" % (rc, r2.describe()))
+            else:
+                log("router --serve exited 0 on SIGINT")
+    if problems:
+        raise TestFailure("%d problem(s):\n  - %s" % (len(problems), "\n  - ".join(problems)))
+
+
+SCENARIOS = {f.__name__[3:]: f for f in (sc_equiv, sc_replicas, sc_kill, sc_freeze, sc_unavailable,
+                                         sc_fingerprint, sc_garbage, sc_rogue, sc_curve, sc_cli)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
+    ap.add_argument("--router", required=True)
+    ap.add_argument("--expert", required=True)
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--keygen", default=None)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--image", required=True)
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--maker", default=os.path.join(os.path.dirname(os.path.dirname(D.HERE)), "tools",
+                                                    "make_tiny_checkpoint.py"))
+    a = ap.parse_args()
+    c = Ctx(a)
+    D.main_wrapper(lambda: SCENARIOS[a.scenario](c))
+
+
+if __name__ == "__main__":
+    main()

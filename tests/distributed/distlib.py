@@ -1,0 +1,385 @@
+#!/usr/bin/python3
+"""Process harness for the distributed-serving tests and benchmark (issue 4).
+
+Starts medmoe-router / medmoe-expert as real processes on 127.0.0.1 with ephemeral
+ports, talks to the router over its --cases stdin / stdout JSON lines, computes the
+single-process answer with medmoe-run, and compares them with tests/reference/compare.py.
+
+Rules every user relies on:
+  * every process gets its own process group (start_new_session) and is SIGKILLed at the
+    end by Cluster.close() — also on failure (use `with Cluster(...) as cl:`);
+  * every wait is bounded: a hang becomes TestFailure with a message and the log tails;
+  * stderr of each process goes to WORKDIR/<name>.log (printed, tail only, on failure).
+"""
+
+import hashlib
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+COMPARE = os.path.join(os.path.dirname(HERE), "reference", "compare.py")
+PYTHON = "/usr/bin/python3"
+
+# The expert has been welcomed by the router: either the expert says so (the contract: it
+# "logs one line per accepted connection") or the router logs "replica R joined: expert K".
+JOINED_RE = re.compile(r"welcomed|accepted|joined|as replica|serving expert|registered", re.I)
+
+
+def router_joined_re(k):
+    return re.compile(r"joined: expert %d\b" % k)
+
+
+class TestFailure(Exception):
+    pass
+
+
+def log(msg):
+    print("dist: " + msg, flush=True)
+
+
+def tail(path, n=25):
+    try:
+        with open(path, errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join("    | " + x for x in lines[-n:])
+
+
+class Proc:
+    """One child process in its own process group; stderr → log file."""
+
+    def __init__(self, name, cmd, workdir, stdin=None, stdout=None):
+        self.name = name
+        self.cmd = cmd
+        self.log_path = os.path.join(workdir, name + ".log")
+        self._log = open(self.log_path, "wb")
+        self.started = time.monotonic()
+        self.p = subprocess.Popen(cmd, stdin=stdin, stdout=stdout if stdout is not None else self._log,
+                                  stderr=self._log, start_new_session=True)
+        self.pid = self.p.pid
+        self.stopped = False
+
+    def alive(self):
+        return self.p.poll() is None
+
+    def signal(self, sig):
+        if self.alive():
+            try:
+                os.killpg(self.pid, sig)
+            except ProcessLookupError:
+                pass
+        if sig == signal.SIGSTOP:
+            self.stopped = True
+        elif sig == signal.SIGCONT:
+            self.stopped = False
+
+    def kill(self):
+        if self.alive():
+            self.signal(signal.SIGKILL)
+        try:
+            self.p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        # also the rest of its group, if it forked
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def wait(self, timeout):
+        try:
+            return self.p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def log_text(self):
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def describe(self):
+        rc = self.p.poll()
+        return "%s (pid %d, %s):\n%s" % (self.name, self.pid,
+                                         "running" if rc is None else "exit status %d" % rc,
+                                         tail(self.log_path))
+
+
+class Router(Proc):
+    """medmoe-router reading cases from stdin (--cases -), answers read from stdout."""
+
+    def __init__(self, name, cmd, workdir):
+        super().__init__(name, cmd, workdir, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.lines = queue.Queue()
+        self.noise = []
+        self._t = threading.Thread(target=self._reader, daemon=True)
+        self._t.start()
+
+    def _reader(self):
+        for raw in self.p.stdout:
+            self.lines.put(raw.decode("utf-8", "replace"))
+        self.lines.put(None)
+
+    def send(self, case):
+        try:
+            self.p.stdin.write((json.dumps(case) + "\n").encode())
+            self.p.stdin.flush()
+        except (BrokenPipeError, OSError) as e:
+            raise TestFailure("router stdin closed while sending case %s: %s" % (case.get("id"), e))
+
+    def receive(self, case_id, timeout):
+        """The next JSON answer line (must carry id case_id), within timeout seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TestFailure("no answer for case %r from the router within %.1f s" % (case_id, timeout))
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise TestFailure("router stdout closed (exit status %s) before answering case %r"
+                                  % (self.p.poll(), case_id))
+            s = line.strip()
+            if not s.startswith("{"):
+                self.noise.append(s)
+                continue
+            try:
+                obj = json.loads(s)
+            except json.JSONDecodeError as e:
+                raise TestFailure("router printed a line that is not JSON (%s): %.300s" % (e, s))
+            if obj.get("id") != case_id:
+                raise TestFailure("expected the answer to case %r, got one with id %r" % (case_id, obj.get("id")))
+            return obj
+
+    def ask(self, case, timeout):
+        self.send(case)
+        return self.receive(case["id"], timeout)
+
+    def close_input(self):
+        try:
+            self.p.stdin.close()
+        except OSError:
+            pass
+
+
+class Cluster:
+    """Owns every process a test starts; `with Cluster(args, workdir) as cl:`."""
+
+    def __init__(self, bins, workdir, hb_ms=200):
+        self.bins = bins  # dict: router, expert, run, keygen
+        self.workdir = workdir
+        self.hb_ms = hb_ms
+        self.procs = []
+        self._n = 0
+        os.makedirs(workdir, exist_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, et, ev, tb):
+        if et is not None:
+            self.dump()
+        self.close()
+        return False
+
+    def close(self):
+        for p in self.procs:
+            if p.stopped:
+                p.signal(signal.SIGCONT)
+            p.kill()
+
+    def dump(self):
+        for p in self.procs:
+            print("---- " + p.describe(), flush=True)
+
+    def _name(self, base):
+        self._n += 1
+        return "%02d-%s" % (self._n, base)
+
+    # -- router --------------------------------------------------------------------------
+    def start_router(self, model, vision=None, wait_experts_ms=10000, expert_wait_ms=5000, extra=(),
+                     stats=True):
+        name = self._name("router")
+        self.endpoint_file = os.path.join(self.workdir, name + ".endpoint")
+        self.stats_file = os.path.join(self.workdir, name + ".stats.json") if stats else None
+        for f in (self.endpoint_file, self.stats_file):
+            if f and os.path.exists(f):
+                os.remove(f)
+        cmd = [self.bins["router"], "--model", model, "--vision", vision or os.path.join(model, "clip"),
+               "--experts-bind", "tcp://127.0.0.1:*", "--endpoint-file", self.endpoint_file,
+               "--cases", "-", "--heartbeat-ms", str(self.hb_ms),
+               "--wait-experts", str(wait_experts_ms), "--expert-wait-ms", str(expert_wait_ms)]
+        if self.stats_file:
+            cmd += ["--stats-file", self.stats_file]
+        cmd += list(extra)
+        r = Router(name, cmd, self.workdir)
+        self.procs.append(r)
+        self.router = r
+        self.endpoint = self.wait_endpoint(r, 15)
+        log("%s up at %s" % (name, self.endpoint))
+        return r
+
+    def wait_endpoint(self, r, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not r.alive():
+                raise TestFailure("router exited (status %d) before writing --endpoint-file\n%s"
+                                  % (r.p.returncode, r.describe()))
+            try:
+                with open(self.endpoint_file) as f:
+                    ep = f.read().strip()
+                if ep:
+                    if not re.match(r"^tcp://127\.0\.0\.1:\d+$", ep):
+                        raise TestFailure("--endpoint-file holds %r, expected tcp://127.0.0.1:PORT" % ep)
+                    if ep.endswith(":0"):
+                        raise TestFailure("--endpoint-file holds port 0 (%r): not the bound port" % ep)
+                    return ep
+            except FileNotFoundError:
+                pass
+            time.sleep(0.02)
+        raise TestFailure("router wrote no --endpoint-file within %d s\n%s" % (timeout, r.describe()))
+
+    def finish_router(self, timeout=15):
+        """Closes the case input; the router must exit 0 and write its stats file."""
+        r = self.router
+        r.close_input()
+        rc = r.wait(timeout)
+        if rc is None:
+            raise TestFailure("router did not exit within %d s after its --cases input ended" % timeout)
+        if rc != 0:
+            raise TestFailure("router exited with status %d after its cases (want 0)\n%s" % (rc, r.describe()))
+        return self.read_stats()
+
+    def read_stats(self):
+        try:
+            with open(self.stats_file) as f:
+                return json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise TestFailure("router --stats-file %s unreadable: %s" % (self.stats_file, e))
+
+    # -- experts -------------------------------------------------------------------------
+    def start_expert(self, model, k, endpoint=None, extra=(), wait_joined=True, timeout=15, tag=""):
+        name = self._name("expert%d%s" % (k, tag))
+        cmd = [self.bins["expert"], "--model", model, "--expert", str(k),
+               "--router", endpoint or self.endpoint, "--heartbeat-ms", str(self.hb_ms)] + list(extra)
+        r = getattr(self, "router", None)
+        before = len(router_joined_re(k).findall(r.log_text())) if r else 0
+        e = Proc(name, cmd, self.workdir)
+        e.expert = k
+        e.router_joins_before = before
+        self.procs.append(e)
+        if wait_joined:
+            self.wait_joined(e, timeout)
+        return e
+
+    def wait_joined(self, e, timeout=15):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if JOINED_RE.search(e.log_text()):
+                return
+            r = getattr(self, "router", None)
+            if r and len(router_joined_re(e.expert).findall(r.log_text())) > e.router_joins_before:
+                return
+            if not e.alive():
+                raise TestFailure("%s exited (status %d) before being welcomed by the router\n%s"
+                                  % (e.name, e.p.returncode, e.describe()))
+            time.sleep(0.02)
+        raise TestFailure("%s logged no 'welcomed/accepted' line within %d s (looked for /%s/)\n%s"
+                          % (e.name, timeout, JOINED_RE.pattern, e.describe()))
+
+
+# -- cases and the single-process reference ---------------------------------------------------
+def case_run_args(case):
+    """medmoe-run arguments for a router case line."""
+    a = ["--question", case["question"], "--max-tokens", str(case.get("max_tokens", 64))]
+    if case.get("image"):
+        a += ["--image", case["image"]]
+    if case.get("candidates"):
+        a += ["--candidates", case["candidates"]]
+    if case.get("no_pad"):
+        a += ["--no-pad"]
+    return a
+
+
+def parse_json_stdout(text):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        lines = text.splitlines()
+        for i in range(len(lines) - 1, -1, -1):
+            if lines[i].lstrip().startswith("{"):
+                try:
+                    return json.loads("\n".join(lines[i:]))
+                except json.JSONDecodeError:
+                    continue
+    raise ValueError("no JSON object on stdout")
+
+
+def reference(run_bin, model, case, workdir, vision=None, timeout=60):
+    """medmoe-run's answer to `case` (cached in workdir/ref-<id>.json)."""
+    key = hashlib.sha1(json.dumps({k: v for k, v in case.items() if k != "id"}, sort_keys=True).encode())
+    path = os.path.join(workdir, "ref-%s-%s.json" % (os.path.basename(model.rstrip("/")), key.hexdigest()[:12]))
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f), path
+    cmd = [run_bin, "--model", model, "--vision", vision or os.path.join(model, "clip"), "--json"]
+    cmd += case_run_args(case)
+    try:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise TestFailure("medmoe-run did not finish within %d s: %s" % (timeout, " ".join(cmd)))
+    if p.returncode != 0:
+        raise TestFailure("medmoe-run failed (status %d): %s\n%s" % (p.returncode, " ".join(cmd), p.stderr[-2000:]))
+    obj = parse_json_stdout(p.stdout)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+    return obj, path
+
+
+def check_equal(answer, ref_path, workdir, what):
+    """compare.py(reference, router answer) must exit 0."""
+    if answer.get("status") != "ok":
+        raise TestFailure("%s: router answered status %r (code %r): %s"
+                          % (what, answer.get("status"), answer.get("code"), answer.get("message")))
+    path = os.path.join(workdir, "got-%s.json" % re.sub(r"[^A-Za-z0-9_.-]", "_", what))
+    with open(path, "w") as f:
+        json.dump(answer, f, indent=1)
+    p = subprocess.run([PYTHON, COMPARE, ref_path, path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True, timeout=60)
+    if p.returncode != 0:
+        raise TestFailure("%s: router's answer differs from medmoe-run's: %s (files %s vs %s)"
+                          % (what, p.stdout.strip(), ref_path, path))
+    log("%s: equal to medmoe-run (%s)" % (what, p.stdout.strip()))
+
+
+def experts_used(ref):
+    return sorted({e for r in ref.get("routing", []) for pos in r["experts"] for e in pos})
+
+
+def fresh_dir(path):
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    return path
+
+
+def main_wrapper(fn):
+    """Runs fn(); TestFailure → message + exit 1."""
+    try:
+        fn()
+    except TestFailure as e:
+        print("FAIL: %s" % e, flush=True)
+        sys.exit(1)
+    print("PASS", flush=True)
+    sys.exit(0)
