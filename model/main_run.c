@@ -137,6 +137,9 @@ int main(int argc, char **argv) {
         goto fail;
     if ((rc = mm_tokenizer_load(a.model, &tok, err, sizeof err)) != MM_OK)
         goto fail;
+    fprintf(stderr, "medmoe-run: loaded %s on %s\n", mm_model_variant(m), mm_backend_describe(be));
+    if (mm_model_warnings(m)[0])
+        fprintf(stderr, "medmoe-run: warning: %s\n", mm_model_warnings(m));
     double load_ms = mm_now_ms() - t0;
 
     mm_case_request q;

@@ -88,6 +88,7 @@ struct mm_model {
     int has_meta;           /* MoE layers have a meta expert                      */
     int has_gate_bias;      /* gates have a bias                                  */
     char variant[256];      /* mm_model_variant                                   */
+    char warnings[512];     /* mm_model_warnings: odd but usable things seen      */
     const mm_st_tensor *embed; /* model.embed_tokens.weight [V, H] (host, mapped)  */
     mm_layer *layers;       /* [num_hidden_layers]                               */
     mm_norm final_norm;     /* model.norm / model.final_layernorm                 */
@@ -491,6 +492,32 @@ static int s_load_head(s_loader *L) {
     return s_upload(L, "lm_head.bias", V, 0, 1, &m->head_bias);
 }
 
+/* Med-MoE copies the stage-2 modality router into the gate of every MoE
+ * layer and freezes it, so a released checkpoint's gates are identical.
+ * Different gates are legal (MoE-LLaVA trains them) but worth a warning. */
+static void s_check_gates(mm_model *m) {
+    const mm_config *c = &m->cfg;
+    const mm_st_tensor *first = NULL;
+    char name[128];
+    for (int i = 0; c->moe_enable && i < c->n_moe_layers; i++) {
+        snprintf(name, sizeof name, "model.layers.%d.mlp.deepspeed_moe.gate.wg.weight",
+                 c->moe_layers_idx[i]);
+        const mm_st_tensor *g = mm_checkpoint_find(m->ck, name);
+        if (!g)
+            return;
+        if (!first) {
+            first = g;
+        } else if (g->nbytes != first->nbytes || g->st_dtype != first->st_dtype ||
+                   memcmp(g->data, first->data, g->nbytes) != 0) {
+            snprintf(m->warnings, sizeof m->warnings,
+                     "the gates of MoE layers %d and %d differ (a released Med-MoE copies one "
+                     "modality router into every MoE layer)",
+                     c->moe_layers_idx[0], c->moe_layers_idx[i]);
+            return;
+        }
+    }
+}
+
 int mm_model_load(const char *model_dir, mm_backend *be, const mm_model_options *o,
                   mm_model **out, char *err, size_t errlen) {
     *out = NULL;
@@ -552,6 +579,7 @@ int mm_model_load(const char *model_dir, mm_backend *be, const mm_model_options 
             break;
         }
     }
+    s_check_gates(m);
     if (c->moe_enable)
         snprintf(m->variant, sizeof m->variant, "%s (%s, %d MoE layers, %d experts, top-%d%s%s)",
                  m->has_meta ? "Med-MoE" : "MoE-LLaVA", mm_arch_name(c->arch), c->n_moe_layers,
@@ -606,6 +634,7 @@ const mm_checkpoint *mm_model_checkpoint(const mm_model *m) { return m->ck; }
 int mm_model_n_slots(const mm_model *m) { return m->opt.n_slots; }
 int mm_model_max_ctx(const mm_model *m) { return m->max_ctx; }
 const char *mm_model_variant(const mm_model *m) { return m->variant; }
+const char *mm_model_warnings(const mm_model *m) { return m->warnings; }
 size_t mm_model_image_tokens(const mm_model *m) {
     if (!m->vision)
         return 0;

@@ -70,6 +70,9 @@ int mm_model_max_ctx(const mm_model *m);
 /* Human-readable variant, e.g. "Med-MoE (stablelm, 4 experts top-1, meta
  * expert, gate bias)" or "MoE-LLaVA (... no meta expert)". */
 const char *mm_model_variant(const mm_model *m);
+/* Things worth a log line that do not stop loading (e.g. MoE layers whose
+ * gates differ); "" when none. */
+const char *mm_model_warnings(const mm_model *m);
 /* Image embeddings per image (576 for ViT-L/14-336); 0 without a tower. */
 size_t mm_model_image_tokens(const mm_model *m);
 /* Side of the square input image (336). */
