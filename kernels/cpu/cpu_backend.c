@@ -538,6 +538,24 @@ int mm_cpu_backend_new(mm_backend **out, char *err, size_t errlen) {
         free(c);
         return mm_errorf(err, errlen, MM_ENOMEM, "cpu backend: out of host memory");
     }
+    /* MEDMOE_THREADS caps OpenMP and OpenBLAS threads. Several medmoe
+     * processes on one host (router + experts) each default to every core;
+     * their spinning worker threads then fight over the cores and decode
+     * slows 2-4x (bench/distributed measured it): the cluster launcher sets
+     * this per process. Thread counts are process-wide by nature. */
+    const char *nt = getenv("MEDMOE_THREADS");
+    if (nt && *nt) {
+        char *end;
+        long n = strtol(nt, &end, 10);
+        if (*end || n < 1 || n > 1024) {
+            free(be);
+            free(c);
+            return mm_errorf(err, errlen, MM_EINVAL,
+                             "cpu backend: MEDMOE_THREADS='%s' is not a thread count (1..1024)", nt);
+        }
+        omp_set_num_threads((int)n);
+        openblas_set_num_threads((int)n);
+    }
     const char *cfg = openblas_get_config();
     snprintf(c->describe, sizeof c->describe,
              "cpu: %d OpenMP threads, %s (core %s, %d BLAS threads)", omp_get_max_threads(),
