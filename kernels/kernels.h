@@ -92,6 +92,7 @@ int mm_backend_sync(mm_backend *be);
 
 /* ---- tensors ------------------------------------------------------------- */
 
+/* A new tensor reads as zeros on every backend. */
 int mm_tensor_new(mm_backend *be, mm_dtype dtype, int ndim, const size_t *shape,
                   mm_tensor **out);
 void mm_tensor_destroy(mm_tensor **t);
