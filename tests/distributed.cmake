@@ -12,19 +12,19 @@ if(TARGET medmoe-router AND TARGET medmoe-expert AND TARGET medmoe-run)
 
   # name | checkpoint | scenario | timeout (s)
   set(MM_DIST_TESTS
-      "equiv_stablelm-f32|stablelm-f32|equiv|60"
-      "equiv_phi-f32|phi-f32|equiv|60"
-      "equiv_stablelm-bf16|stablelm-bf16|equiv|60"
-      "replicas|stablelm-f32|replicas|60"
-      "kill|stablelm-f32|kill|90"
-      "freeze|stablelm-f32|freeze|90"
-      "unavailable|stablelm-f32|unavailable|60"
+      "equiv_stablelm-f32|stablelm-f32|equiv|90"
+      "equiv_phi-f32|phi-f32|equiv|90"
+      "equiv_stablelm-bf16|stablelm-bf16|equiv|90"
+      "replicas|stablelm-f32|replicas|90"
+      "kill|stablelm-f32|kill|120"
+      "freeze|stablelm-f32|freeze|120"
+      "unavailable|stablelm-f32|unavailable|90"
       "fingerprint|stablelm-f32|fingerprint|60"
-      "garbage|stablelm-f32|garbage|90"
-      "rogue|stablelm-f32|rogue|60"
+      "garbage|stablelm-f32|garbage|120"
+      "rogue|stablelm-f32|rogue|90"
       "cli|stablelm-f32|cli|60")
   if(TARGET medmoe-keygen)
-    list(APPEND MM_DIST_TESTS "curve|stablelm-f32|curve|60")
+    list(APPEND MM_DIST_TESTS "curve|stablelm-f32|curve|90")
   endif()
 
   foreach(spec ${MM_DIST_TESTS})

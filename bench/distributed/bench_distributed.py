@@ -29,6 +29,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.join(ROOT, "tests", "distributed"))
 import distlib as D  # noqa: E402
 
@@ -92,6 +93,17 @@ def measure(a, model, image, hidden, n_moe, sizes, work):
             if warm.get("status") != "ok":
                 print("bench: router warm-up case failed: %s" % json.dumps(warm)[:500])
                 return 0
+            rss = []
+            for p in cl.procs:
+                try:
+                    with open("/proc/%d/status" % p.pid) as f:
+                        st = dict(x.split(":", 1) for x in f.read().splitlines() if ":" in x)
+                    rss.append("%s %s" % (p.name.split("-", 1)[1], st["VmHWM"].strip()))
+                except (OSError, KeyError):
+                    pass
+            ck_mb = sum(os.path.getsize(os.path.join(model, f)) for f in os.listdir(model)
+                        if f.endswith(".safetensors")) / 2**20
+            print("peak RSS after a warm-up case (checkpoint %.0f MiB of safetensors): %s" % (ck_mb, ", ".join(rss)))
             serial = 0
             mismatches = 0
             for n in sizes:

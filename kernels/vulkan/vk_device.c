@@ -39,7 +39,7 @@ static const char *const s_pipe_names[MM_VK_PIPE_COUNT] = {
 
 const char *mm_vk_result_str(VkResult r) {
     switch (r) {
-#define R(x)                                                                                    \
+#define R(x)                                                                                       \
     case x: return #x;
         R(VK_SUCCESS)
         R(VK_NOT_READY)
@@ -156,15 +156,13 @@ static int s_pick_device(mm_vk *vk, char *err, size_t errlen) {
                              "vulkan: MEDMOE_VK_DEVICE='%s' names no device (have: %s)", want,
                              list);
         if (s_compute_family(pds[pick]) < 0)
-            return mm_errorf(err, errlen, MM_EDEVICE,
-                             "vulkan: device %d (%s) has no compute queue", pick,
-                             props[pick].deviceName);
+            return mm_errorf(err, errlen, MM_EDEVICE, "vulkan: device %d (%s) has no compute queue",
+                             pick, props[pick].deviceName);
     } else {
         for (uint32_t i = 0; i < n; i++) {
             if (props[i].apiVersion < VK_API_VERSION_1_1 || s_compute_family(pds[i]) < 0)
                 continue;
-            if (pick < 0 ||
-                s_type_rank(props[i].deviceType) < s_type_rank(props[pick].deviceType))
+            if (pick < 0 || s_type_rank(props[i].deviceType) < s_type_rank(props[pick].deviceType))
                 pick = (int)i;
         }
         if (pick < 0)
@@ -211,17 +209,16 @@ static int s_create_pipelines(mm_vk *vk, char *err, size_t errlen) {
                                               .descriptorType = VK_DESCRIPTOR_TYPE_STORAGE_BUFFER,
                                               .descriptorCount = 1,
                                               .stageFlags = VK_SHADER_STAGE_COMPUTE_BIT};
-    VkDescriptorSetLayoutCreateInfo dci = {
-        .sType = VK_STRUCTURE_TYPE_DESCRIPTOR_SET_LAYOUT_CREATE_INFO,
-        .bindingCount = MM_VK_BINDINGS,
-        .pBindings = b};
+    VkDescriptorSetLayoutCreateInfo dci = {.sType =
+                                               VK_STRUCTURE_TYPE_DESCRIPTOR_SET_LAYOUT_CREATE_INFO,
+                                           .bindingCount = MM_VK_BINDINGS,
+                                           .pBindings = b};
     VkResult r = vkCreateDescriptorSetLayout(vk->dev, &dci, NULL, &vk->dsl);
     if (r != VK_SUCCESS)
         return mm_errorf(err, errlen, MM_EDEVICE, "vulkan: vkCreateDescriptorSetLayout failed: %s",
                          mm_vk_result_str(r));
-    VkPushConstantRange pcr = {.stageFlags = VK_SHADER_STAGE_COMPUTE_BIT,
-                               .offset = 0,
-                               .size = MM_VK_PUSH_BYTES};
+    VkPushConstantRange pcr = {
+        .stageFlags = VK_SHADER_STAGE_COMPUTE_BIT, .offset = 0, .size = MM_VK_PUSH_BYTES};
     VkPipelineLayoutCreateInfo plci = {.sType = VK_STRUCTURE_TYPE_PIPELINE_LAYOUT_CREATE_INFO,
                                        .setLayoutCount = 1,
                                        .pSetLayouts = &vk->dsl,
@@ -245,9 +242,8 @@ static int s_create_pipelines(mm_vk *vk, char *err, size_t errlen) {
         VkShaderModule mod;
         r = vkCreateShaderModule(vk->dev, &smci, NULL, &mod);
         if (r != VK_SUCCESS)
-            return mm_errorf(err, errlen, MM_EDEVICE,
-                             "vulkan: vkCreateShaderModule(%s) failed: %s", sp->name,
-                             mm_vk_result_str(r));
+            return mm_errorf(err, errlen, MM_EDEVICE, "vulkan: vkCreateShaderModule(%s) failed: %s",
+                             sp->name, mm_vk_result_str(r));
         VkComputePipelineCreateInfo cpci = {
             .sType = VK_STRUCTURE_TYPE_COMPUTE_PIPELINE_CREATE_INFO,
             .stage = {.sType = VK_STRUCTURE_TYPE_PIPELINE_SHADER_STAGE_CREATE_INFO,
@@ -345,8 +341,8 @@ int mm_vulkan_backend_new(mm_backend **out, char *err, size_t errlen) {
     int rc = MM_OK;
     if (r != VK_SUCCESS) {
         vk->inst = VK_NULL_HANDLE;
-        rc = mm_errorf(err, errlen, MM_EDEVICE,
-                       "vulkan: vkCreateInstance failed: %s%s", mm_vk_result_str(r),
+        rc = mm_errorf(err, errlen, MM_EDEVICE, "vulkan: vkCreateInstance failed: %s%s",
+                       mm_vk_result_str(r),
                        r == VK_ERROR_INCOMPATIBLE_DRIVER
                            ? " (no Vulkan driver/ICD installed: install mesa-vulkan-drivers "
                              "for lavapipe, or a GPU driver)"

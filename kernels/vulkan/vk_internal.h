@@ -42,12 +42,13 @@ typedef enum mm_vk_pipe {
     MM_VK_PIPE_COUNT
 } mm_vk_pipe;
 
-#define MM_VK_BINDINGS 6        /* storage buffers per descriptor set (all pipelines) */
-#define MM_VK_PUSH_BYTES 128    /* push-constant range: the guaranteed minimum        */
-#define MM_VK_MAX_DISPATCH 1024 /* dispatches per submission (drivers reset the device
-                                   on very long ones); also the descriptor pool size  */
-#define MM_VK_MAX_ACCESS 64     /* ranges tracked for hazards since the last barrier  */
-#define MM_VK_BLOCK_BYTES ((VkDeviceSize)256 << 20) /* default memory block size      */
+#define MM_VK_BINDINGS 6     /* storage buffers per descriptor set (all pipelines) */
+#define MM_VK_PUSH_BYTES 128 /* push-constant range: the guaranteed minimum        */
+#define MM_VK_MAX_DISPATCH                                                                         \
+    1024                    /* dispatches per submission (drivers reset the device                 \
+                               on very long ones); also the descriptor pool size  */
+#define MM_VK_MAX_ACCESS 64 /* ranges tracked for hazards since the last barrier  */
+#define MM_VK_BLOCK_BYTES ((VkDeviceSize)256 << 20)         /* default memory block size      */
 #define MM_VK_FENCE_TIMEOUT_NS (60ull * 1000 * 1000 * 1000) /* bounded wait in sync()  */
 
 typedef struct mm_vk_range {
@@ -80,7 +81,7 @@ typedef struct mm_vk_access {
 
 typedef struct mm_vk {
     mm_backend *be; /* owner, for be->error                          */
-    char desc[320]; /* describe() text                               */
+    char desc[640]; /* describe() text                               */
 
     VkInstance inst;
     VkPhysicalDevice phys;
@@ -90,15 +91,15 @@ typedef struct mm_vk {
     VkQueue queue;
 
     /* memory */
-    uint32_t mem_type;         /* host-visible + coherent type for blocks  */
-    VkDeviceSize align;        /* root allocation alignment                 */
-    VkDeviceSize max_alloc;    /* maxMemoryAllocationSize (or heap size)    */
-    VkDeviceSize max_range;    /* maxStorageBufferRange = max tensor bytes  */
-    mm_vk_block *blocks;       /* nblocks entries (mem == NULL: released)   */
+    uint32_t mem_type;      /* host-visible + coherent type for blocks  */
+    VkDeviceSize align;     /* root allocation alignment                 */
+    VkDeviceSize max_alloc; /* maxMemoryAllocationSize (or heap size)    */
+    VkDeviceSize max_range; /* maxStorageBufferRange = max tensor bytes  */
+    mm_vk_block *blocks;    /* nblocks entries (mem == NULL: released)   */
     size_t nblocks, cblocks;
-    mm_vk_alloc dummy;         /* 16 bytes bound where an op has no tensor  */
-    mm_vk_alloc *limbo;        /* ranges freed while dispatches were pending:
-                                  returned to the free lists at the next sync */
+    mm_vk_alloc dummy;  /* 16 bytes bound where an op has no tensor  */
+    mm_vk_alloc *limbo; /* ranges freed while dispatches were pending:
+                           returned to the free lists at the next sync */
     size_t nlimbo, climbo;
 
     /* pipelines */
@@ -107,11 +108,11 @@ typedef struct mm_vk {
     VkPipeline pipes[MM_VK_PIPE_COUNT];
 
     /* execution */
-    VkDescriptorPool pool;  /* MM_VK_MAX_DISPATCH sets, reset after each submission */
+    VkDescriptorPool pool; /* MM_VK_MAX_DISPATCH sets, reset after each submission */
     VkCommandPool cmd_pool;
     VkCommandBuffer cmd;
     VkFence fence;
-    int recording;          /* cmd is begun and holds ndispatch dispatches */
+    int recording; /* cmd is begun and holds ndispatch dispatches */
     unsigned ndispatch;
     mm_vk_access acc[MM_VK_MAX_ACCESS];
     unsigned nacc;

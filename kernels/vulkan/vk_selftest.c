@@ -122,7 +122,7 @@ static void t_free_pending(pair *p) {
             s_check(p, mm_unary(bes[b], MM_SILU, tm[b], tm[b]), bes[b], "silu");
             s_check(p, mm_add(bes[b], os[b], os[b], tm[b]), bes[b], "add");
         }
-        s_free(&tmp); /* pending on vulkan */
+        s_free(&tmp);                              /* pending on vulkan */
         tt fresh = s_new(p, MM_F32, 2, 40, 33, 0); /* must not overlap tmp */
         s_cmp(p, fresh, 0, "new tensor is zero while ops are pending");
         s_free(&fresh);
@@ -159,8 +159,9 @@ static void t_half_views(pair *p) {
         tt g = s_new(p, MM_F32, 2, 5, K, 0);
         s_check(p, mm_get_rows(p->vk, g.v, wv.v, idx.v), p->vk, "get_rows vulkan");
         s_check(p, mm_get_rows(p->cpu, g.c, wv.c, idx.c), p->cpu, "get_rows cpu");
-        s_cmp(p, g, 0, dts[d] == MM_F16 ? "get_rows f16 view at odd offset"
-                                         : "get_rows bf16 view at odd offset");
+        s_cmp(p, g, 0,
+              dts[d] == MM_F16 ? "get_rows f16 view at odd offset"
+                               : "get_rows bf16 view at odd offset");
         s_free(&idx);
         s_free(&g);
         s_free(&wv);
@@ -218,9 +219,10 @@ static void t_long_attention(pair *p) {
         s_check(p, mm_rope(bes[b], X[3], X[5], KVH, hd, 64, 10000.0f), bes[b], "rope k");
         s_check(p, mm_kv_store(bes[b], X[0], X[3], X[5]), bes[b], "kv_store k");
         s_check(p, mm_kv_store(bes[b], X[1], X[4], X[5]), bes[b], "kv_store v");
-        s_check(p, mm_attention(bes[b], X[6], X[2], X[0], X[1], X[5], H, KVH, hd,
-                                1.0f / sqrtf((float)hd)),
-                bes[b], "attention");
+        s_check(
+            p,
+            mm_attention(bes[b], X[6], X[2], X[0], X[1], X[5], H, KVH, hd, 1.0f / sqrtf((float)hd)),
+            bes[b], "attention");
     }
     s_cmp(p, o, 1e-4f, "rope -> kv_store -> attention, 150 tokens at positions 40..189");
     for (int i = 0; i < 7; i++)

@@ -76,8 +76,8 @@ int mm_vk_sync(void *ctx) {
     VkMemoryBarrier mb = {.sType = VK_STRUCTURE_TYPE_MEMORY_BARRIER,
                           .srcAccessMask = VK_ACCESS_SHADER_WRITE_BIT,
                           .dstAccessMask = VK_ACCESS_HOST_READ_BIT};
-    vkCmdPipelineBarrier(vk->cmd, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT,
-                         VK_PIPELINE_STAGE_HOST_BIT, 0, 1, &mb, 0, NULL, 0, NULL);
+    vkCmdPipelineBarrier(vk->cmd, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_PIPELINE_STAGE_HOST_BIT,
+                         0, 1, &mb, 0, NULL, 0, NULL);
     VkResult r = vkEndCommandBuffer(vk->cmd);
     vk->recording = 0;
     if (r != VK_SUCCESS) {
@@ -142,8 +142,8 @@ static uint32_t s_eoff(const mm_tensor *t) {
     return (uint32_t)(t->offset / mm_dtype_size(t->dtype));
 }
 
-static int s_dispatch(mm_vk *vk, mm_vk_pipe pipe, const s_bind *binds, int nbinds,
-                      const void *pc, size_t pcsize, uint32_t gx, uint32_t gy, uint32_t gz) {
+static int s_dispatch(mm_vk *vk, mm_vk_pipe pipe, const s_bind *binds, int nbinds, const void *pc,
+                      size_t pcsize, uint32_t gx, uint32_t gy, uint32_t gz) {
     if (vk->broken)
         return mm_backend_fail(vk->be, MM_EDEVICE,
                                "vulkan: an earlier submission failed; the device is unusable");
@@ -233,9 +233,8 @@ static size_t s_div_up(size_t a, size_t b) { return (a + b - 1) / b; }
 static size_t s_cols(const mm_tensor *t) { return t->shape[t->ndim - 1]; }
 static size_t s_rows(const mm_tensor *t) { return t->nelem / s_cols(t); }
 
-#define DISPATCH(pipe, binds, pc, gx, gy, gz)                                                   \
-    s_dispatch(vk, pipe, binds, (int)(sizeof binds / sizeof binds[0]), &pc, sizeof pc, gx, gy,  \
-               gz)
+#define DISPATCH(pipe, binds, pc, gx, gy, gz)                                                      \
+    s_dispatch(vk, pipe, binds, (int)(sizeof binds / sizeof binds[0]), &pc, sizeof pc, gx, gy, gz)
 
 /* ---- ops ----------------------------------------------------------------- */
 
@@ -243,9 +242,8 @@ static int s_matmul(mm_vk *vk, const mm_op *op) {
     const mm_tensor *x = op->src[0], *w = op->src[1], *b = op->src[2];
     struct {
         uint32_t M, N, K, x_off, w_off, b_off, o_off, has_bias;
-    } pc = {(uint32_t)s_rows(x),  (uint32_t)w->shape[0], (uint32_t)w->shape[1],
-            s_eoff(x),            s_eoff(w),             b ? s_eoff(b) : 0,
-            s_eoff(op->dst),      b != NULL};
+    } pc = {(uint32_t)s_rows(x), (uint32_t)w->shape[0], (uint32_t)w->shape[1], s_eoff(x),
+            s_eoff(w),           b ? s_eoff(b) : 0,     s_eoff(op->dst),       b != NULL};
     s_bind binds[] = {{x, 0}, {w, 0}, {b, 0}, {op->dst, 1}};
     int wt = w->dtype == MM_F16 ? 1 : w->dtype == MM_BF16 ? 2 : 0;
     if (pc.M == 1) {
@@ -261,8 +259,8 @@ static int s_binary(mm_vk *vk, const mm_op *op, uint32_t kind) {
     const mm_tensor *a = op->src[0], *b = op->src[1];
     struct {
         uint32_t n, cols, a_off, b_off, o_off, op, b_row;
-    } pc = {(uint32_t)a->nelem, (uint32_t)s_cols(a), s_eoff(a), s_eoff(b), s_eoff(op->dst),
-            kind,               b->nelem != a->nelem};
+    } pc = {(uint32_t)a->nelem,  (uint32_t)s_cols(a), s_eoff(a), s_eoff(b), s_eoff(op->dst), kind,
+            b->nelem != a->nelem};
     s_bind binds[] = {{a, 0}, {b, 0}, {op->dst, 1}};
     uint32_t gx, gy;
     s_grid(s_div_up(a->nelem, 256), &gx, &gy);
@@ -316,8 +314,13 @@ static int s_rope(mm_vk *vk, const mm_op *op) {
     struct {
         uint32_t T, n_heads, head_dim, rot, x_off, s_off;
         float theta;
-    } pc = {(uint32_t)s_rows(x), (uint32_t)op->i[0], (uint32_t)op->i[1], (uint32_t)op->i[2],
-            s_eoff(x),           s_eoff(seq),        op->f[0]};
+    } pc = {(uint32_t)s_rows(x),
+            (uint32_t)op->i[0],
+            (uint32_t)op->i[1],
+            (uint32_t)op->i[2],
+            s_eoff(x),
+            s_eoff(seq),
+            op->f[0]};
     s_bind binds[] = {{x, 1}, {seq, 0}};
     uint32_t gx, gy;
     s_grid(s_div_up((size_t)pc.T * pc.n_heads * (pc.rot / 2), 256), &gx, &gy);
@@ -328,8 +331,12 @@ static int s_kv_store(mm_vk *vk, const mm_op *op) {
     const mm_tensor *c = op->dst, *kv = op->src[0], *seq = op->src[1];
     struct {
         uint32_t T, width, n_slots, max_ctx, c_off, kv_off, s_off;
-    } pc = {(uint32_t)kv->shape[0], (uint32_t)kv->shape[1], (uint32_t)c->shape[0],
-            (uint32_t)c->shape[1],  s_eoff(c),              s_eoff(kv),
+    } pc = {(uint32_t)kv->shape[0],
+            (uint32_t)kv->shape[1],
+            (uint32_t)c->shape[0],
+            (uint32_t)c->shape[1],
+            s_eoff(c),
+            s_eoff(kv),
             s_eoff(seq)};
     s_bind binds[] = {{c, 1}, {kv, 0}, {seq, 0}};
     uint32_t gx, gy;
@@ -343,9 +350,18 @@ static int s_attention(mm_vk *vk, const mm_op *op) {
         uint32_t T, n_heads, n_kv_heads, head_dim, n_slots, max_ctx, q_off, k_off, v_off, s_off,
             o_off;
         float scale;
-    } pc = {(uint32_t)q->shape[0], (uint32_t)op->i[0], (uint32_t)op->i[1], (uint32_t)op->i[2],
-            (uint32_t)k->shape[0], (uint32_t)k->shape[1], s_eoff(q), s_eoff(k), s_eoff(v),
-            s_eoff(seq),           s_eoff(op->dst),       op->f[0]};
+    } pc = {(uint32_t)q->shape[0],
+            (uint32_t)op->i[0],
+            (uint32_t)op->i[1],
+            (uint32_t)op->i[2],
+            (uint32_t)k->shape[0],
+            (uint32_t)k->shape[1],
+            s_eoff(q),
+            s_eoff(k),
+            s_eoff(v),
+            s_eoff(seq),
+            s_eoff(op->dst),
+            op->f[0]};
     s_bind binds[] = {{q, 0}, {k, 0}, {v, 0}, {seq, 0}, {op->dst, 1}};
     uint32_t gx, gy;
     s_grid((size_t)pc.T * pc.n_heads, &gx, &gy);
@@ -356,8 +372,8 @@ static int s_topk(mm_vk *vk, const mm_op *op) {
     const mm_tensor *x = op->src[0];
     struct {
         uint32_t T, E, k, x_off, i_off, v_off;
-    } pc = {(uint32_t)x->shape[0], (uint32_t)x->shape[1], (uint32_t)op->i[0],
-            s_eoff(x),             s_eoff(op->dst),       s_eoff(op->dst2)};
+    } pc = {(uint32_t)x->shape[0], (uint32_t)x->shape[1], (uint32_t)op->i[0], s_eoff(x),
+            s_eoff(op->dst),       s_eoff(op->dst2)};
     s_bind binds[] = {{x, 0}, {op->dst, 1}, {op->dst2, 1}};
     uint32_t gx, gy;
     s_grid(s_div_up(pc.T, 64), &gx, &gy);
@@ -368,8 +384,8 @@ static int s_get_rows(mm_vk *vk, const mm_op *op) {
     const mm_tensor *src = op->src[0], *idx = op->src[1];
     struct {
         uint32_t n, cols, rows, s_off, i_off, o_off;
-    } pc = {(uint32_t)idx->nelem, (uint32_t)src->shape[1], (uint32_t)src->shape[0],
-            s_eoff(src),          s_eoff(idx),             s_eoff(op->dst)};
+    } pc = {(uint32_t)idx->nelem, (uint32_t)src->shape[1], (uint32_t)src->shape[0], s_eoff(src),
+            s_eoff(idx),          s_eoff(op->dst)};
     s_bind binds[] = {{src, 0}, {idx, 0}, {op->dst, 1}};
     int st = src->dtype == MM_F16 ? 1 : src->dtype == MM_BF16 ? 2 : 0;
     uint32_t gx, gy;
@@ -381,9 +397,14 @@ static int s_scatter_add(mm_vk *vk, const mm_op *op) {
     const mm_tensor *src = op->src[0], *idx = op->src[1], *w = op->src[2];
     struct {
         uint32_t n, cols, R, d_off, s_off, i_off, w_off, has_w;
-    } pc = {(uint32_t)src->shape[0], (uint32_t)src->shape[1], (uint32_t)op->dst->shape[0],
-            s_eoff(op->dst),         s_eoff(src),             s_eoff(idx),
-            w ? s_eoff(w) : 0,       w != NULL};
+    } pc = {(uint32_t)src->shape[0],
+            (uint32_t)src->shape[1],
+            (uint32_t)op->dst->shape[0],
+            s_eoff(op->dst),
+            s_eoff(src),
+            s_eoff(idx),
+            w ? s_eoff(w) : 0,
+            w != NULL};
     s_bind binds[] = {{op->dst, 1}, {src, 0}, {idx, 0}, {w, 0}};
     uint32_t gx, gy;
     s_grid(s_div_up(src->nelem, 256), &gx, &gy);
@@ -394,8 +415,12 @@ static int s_im2col(mm_vk *vk, const mm_op *op) {
     const mm_tensor *img = op->src[0];
     struct {
         uint32_t C, H, W, P, i_off, o_off;
-    } pc = {(uint32_t)img->shape[0], (uint32_t)img->shape[1], (uint32_t)img->shape[2],
-            (uint32_t)op->i[0],      s_eoff(img),             s_eoff(op->dst)};
+    } pc = {(uint32_t)img->shape[0],
+            (uint32_t)img->shape[1],
+            (uint32_t)img->shape[2],
+            (uint32_t)op->i[0],
+            s_eoff(img),
+            s_eoff(op->dst)};
     s_bind binds[] = {{img, 0}, {op->dst, 1}};
     uint32_t gx, gy;
     s_grid(s_div_up(op->dst->nelem, 256), &gx, &gy);

@@ -5,6 +5,7 @@
 
 int mm_vulkan_backend_new(mm_backend **out, char *err, size_t errlen) {
     *out = NULL;
-    return mm_errorf(err, errlen, MM_EUNSUPPORTED,
-                     "vulkan: this build has no Vulkan backend (configured with MEDMOE_VULKAN=OFF)");
+    return mm_errorf(
+        err, errlen, MM_EUNSUPPORTED,
+        "vulkan: this build has no Vulkan backend (configured with MEDMOE_VULKAN=OFF)");
 }

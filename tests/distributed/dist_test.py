@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import distlib as D  # noqa: E402
 from distlib import TestFailure, log  # noqa: E402
@@ -74,7 +75,7 @@ class Ctx:
         return D.reference(self.a.run, self.a.model, case, self.work)
 
     def ask_equal(self, cl, case, what=None, timeout=CASE_TIMEOUT):
-        ref, ref_path = self.ref(case)
+        _, ref_path = self.ref(case)
         t0 = time.monotonic()
         ans = cl.router.ask(case, timeout)
         dt = time.monotonic() - t0
@@ -152,7 +153,7 @@ def sc_kill(c):
 
     case = long_case(c.a.image)
     ref, ref_path = c.ref(case)
-    k, counts = busiest_decode_expert(ref)
+    k, _ = busiest_decode_expert(ref)
     extra = ["--debug-delay-ms", "40"]
     with c.cluster("kill") as cl:
         cl.start_router(c.a.model)
@@ -194,7 +195,7 @@ def sc_kill(c):
 def sc_freeze(c):
     case = long_case(c.a.image)
     ref, ref_path = c.ref(case)
-    k, counts = busiest_decode_expert(ref)
+    k, _ = busiest_decode_expert(ref)
     extra = ["--debug-delay-ms", "40"]
     with c.cluster("freeze") as cl:
         cl.start_router(c.a.model)
@@ -495,9 +496,8 @@ def sc_rogue(c):
     import zmq
     pb = _pb2(c)
     case = long_case(c.a.image, 24)
-    ref, ref_path = c.ref(case)
+    ref, _ = c.ref(case)
     k, _ = busiest_decode_expert(ref)
-    H = c.hidden
     with c.cluster("rogue") as cl:
         cl.start_router(c.a.model)
         hello = _capture_hello(c, cl, pb, k)

@@ -192,13 +192,31 @@ class Cluster:
         if et is not None:
             self.dump()
         self.close()
+        if et is None:
+            self.check_sanitizers()
         return False
 
     def close(self):
+        """SIGTERM first (a clean exit lets LeakSanitizer check a sanitizer build), SIGKILL
+        whatever is left after 3 s; every process group is killed in the end."""
         for p in self.procs:
             if p.stopped:
                 p.signal(signal.SIGCONT)
+            if p.alive():
+                p.signal(signal.SIGTERM)
+        deadline = time.monotonic() + 3.0
+        for p in self.procs:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        for p in self.procs:
             p.kill()
+
+    SANITIZER_RE = re.compile(r"ERROR: (AddressSanitizer|LeakSanitizer)|runtime error:")
+
+    def check_sanitizers(self):
+        for p in self.procs:
+            m = self.SANITIZER_RE.search(p.log_text())
+            if m:
+                raise TestFailure("%s reported a sanitizer error (%s)\n%s" % (p.name, m.group(0), tail(p.log_path, 40)))
 
     def dump(self):
         for p in self.procs:
