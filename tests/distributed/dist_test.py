@@ -515,7 +515,6 @@ def sc_rogue(c):
         if env.WhichOneof("body") != "welcome":
             raise TestFailure("router did not welcome a real expert's Hello: %s" % env)
         log("test peer welcomed as %s (expert %d)" % (env.welcome.replica_id, k))
-        c.start_all(cl)
         events, stop, errors = [], threading.Event(), []
 
         def result(w, **kw):
@@ -524,10 +523,18 @@ def sc_rogue(c):
             f.update(kw)
             return pb.Envelope(result=pb.Result(**f)).SerializeToString()
 
+        beat = pb.Envelope(heartbeat=pb.Heartbeat()).SerializeToString()
+
         def rogue():
             try:
                 n = 0
+                last_beat = 0.0
                 while not stop.is_set():
+                    # stay alive as a replica (under load, starting the real experts can take
+                    # longer than three heartbeat intervals)
+                    if time.monotonic() - last_beat > 0.1:
+                        sock.send(beat)
+                        last_beat = time.monotonic()
                     if not sock.poll(50):
                         continue
                     fr = sock.recv_multipart()
@@ -583,8 +590,9 @@ def sc_rogue(c):
                 errors.append("rogue thread: %r" % ex)
 
         t = threading.Thread(target=rogue, daemon=True)
-        t.start()
+        t.start()  # heartbeats from here on, while the real experts start
         try:
+            c.start_all(cl)
             c.ask_equal(cl, dict(case, id="with-rogue"), "with-rogue")
             for x in std_cases(c.a.image):
                 c.ask_equal(cl, dict(x, id="rogue-" + x["id"]))
