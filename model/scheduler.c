@@ -285,8 +285,8 @@ static void s_routing_json(const mm_sched *s, const s_case *c, json_t *out) {
             json_array_append_new(tc, json_integer(txt_count[e]));
         }
         json_array_append_new(js, json_pack("{s:i, s:o, s:o}", "layer", cf->moe_layers_idx[l],
-                                            "image_tokens_per_expert", ic,
-                                            "text_tokens_per_expert", tc));
+                                            "image_tokens_per_expert", ic, "text_tokens_per_expert",
+                                            tc));
     }
     json_object_set_new(out, "routing", jr);
     json_object_set_new(out, "expert_summary", js);
@@ -311,9 +311,8 @@ static int s_classify(mm_sched *s, s_case *c, json_t *out, char *err, size_t err
         qsort(cands, c->n_cands, sizeof *cands, s_cmp_cand);
         json_t *jc = json_array();
         for (size_t i = 0; i < c->n_cands; i++)
-            json_array_append_new(jc, json_pack("{s:s, s:f, s:f}", "text", cands[i].text,
-                                                 "logprob", cands[i].logprob, "prob",
-                                                 cands[i].prob));
+            json_array_append_new(jc, json_pack("{s:s, s:f, s:f}", "text", cands[i].text, "logprob",
+                                                cands[i].logprob, "prob", cands[i].prob));
         json_object_set_new(out, "candidates", jc);
         json_object_set_new(out, "classify_ms", json_real(cls_ms));
     }
@@ -342,10 +341,9 @@ static int s_result(mm_sched *s, s_case *c, json_t **outp, char *err, size_t err
     s_routing_json(s, c, out);
     json_object_set_new(out, "vision_ms", json_real(c->vision_ms));
     json_object_set_new(out, "prefill_ms", json_real(c->t_prefill1 - c->t_prefill0));
-    json_object_set_new(out, "decode_ms_per_token",
-                        json_real(c->n_tokens > 1 ? (c->t_last - c->t_first) /
-                                                        (double)(c->n_tokens - 1)
-                                                  : 0.0));
+    json_object_set_new(
+        out, "decode_ms_per_token",
+        json_real(c->n_tokens > 1 ? (c->t_last - c->t_first) / (double)(c->n_tokens - 1) : 0.0));
     if (c->n_cands && (rc = s_classify(s, c, out, err, errlen)) != MM_OK) {
         json_decref(out);
         return rc;
@@ -398,8 +396,8 @@ static void s_finish(mm_sched *s, s_case *c, int status, const char *message) {
 
 /* ---- new / destroy -------------------------------------------------------- */
 
-int mm_sched_new(mm_model *m, const mm_tokenizer *tok, const mm_sched_options *o,
-                 mm_sched **out, char *err, size_t errlen) {
+int mm_sched_new(mm_model *m, const mm_tokenizer *tok, const mm_sched_options *o, mm_sched **out,
+                 char *err, size_t errlen) {
     *out = NULL;
     mm_sched_options def;
     if (!o) {
@@ -460,9 +458,8 @@ int mm_sched_new(mm_model *m, const mm_tokenizer *tok, const mm_sched_options *o
     s->step_routing = malloc(rt);
     s->work = malloc(s->V * sizeof *s->work);
     s->order = malloc(s->V * sizeof *s->order);
-    if (!s->slots || !s->row_tok || !s->row_slot || !s->row_pos || !s->row_want ||
-        !s->row_case || !s->row_embed || !s->logits || !s->step_routing || !s->work ||
-        !s->order) {
+    if (!s->slots || !s->row_tok || !s->row_slot || !s->row_pos || !s->row_want || !s->row_case ||
+        !s->row_embed || !s->logits || !s->step_routing || !s->work || !s->order) {
         mm_sched_destroy(&s);
         return mm_errorf(err, errlen, MM_ENOMEM, "scheduler: out of memory for step buffers");
     }
@@ -506,8 +503,7 @@ void mm_sched_destroy(mm_sched **sp) {
 /* ---- submit --------------------------------------------------------------- */
 
 /* " a" style ids of each comma-separated candidate (as case.c). */
-static int s_parse_candidates(mm_sched *s, s_case *c, const char *text, char *err,
-                              size_t errlen) {
+static int s_parse_candidates(mm_sched *s, s_case *c, const char *text, char *err, size_t errlen) {
     size_t len = strlen(text);
     if (!(c->cand_buf = malloc(len + 1)))
         return mm_errorf(err, errlen, MM_ENOMEM, "candidates: out of memory");
@@ -555,8 +551,8 @@ static int s_load_image(mm_sched *s, s_case *c, const mm_sched_request *r, char 
     double t0 = mm_now_ms();
     mm_image *img = NULL;
     char sub[768];
-    int rc = mm_image_decode(r->image_bytes, r->image_len, r->media_type, r->max_pixels, &img,
-                             sub, sizeof sub);
+    int rc = mm_image_decode(r->image_bytes, r->image_len, r->media_type, r->max_pixels, &img, sub,
+                             sizeof sub);
     if (rc == MM_OK) {
         mm_image_params ip;
         mm_image_params_default(&ip, s->S);
@@ -719,8 +715,7 @@ size_t mm_sched_pending(const mm_sched *s) { return s->n_waiting; }
 size_t mm_sched_active(const mm_sched *s) { return s->n_active; }
 uint64_t mm_sched_steps(const mm_sched *s) { return s->n_steps; }
 
-void mm_sched_tenant_load(const mm_sched *s, const char *tenant, size_t *waiting,
-                          size_t *active) {
+void mm_sched_tenant_load(const mm_sched *s, const char *tenant, size_t *waiting, size_t *active) {
     const s_tenant *t = tenant ? s_tenant_find(s, tenant, NULL) : NULL;
     if (waiting)
         *waiting = t ? t->waiting : 0;
@@ -882,11 +877,15 @@ int mm_sched_step(mm_sched *s, char *err, size_t errlen) {
     if (n == 0)
         return MM_OK;
 
-    mm_step st = {.n = n, .token = s->row_tok, .embed = s->row_embed, .slot = s->row_slot,
-                  .pos = s->row_pos, .want_logits = s->row_want};
+    mm_step st = {.n = n,
+                  .token = s->row_tok,
+                  .embed = s->row_embed,
+                  .slot = s->row_slot,
+                  .pos = s->row_pos,
+                  .want_logits = s->row_want};
     char ferr[1024] = "";
-    int rc = mm_model_forward(s->m, &st, s->logits, s->L ? s->step_routing : NULL, ferr,
-                              sizeof ferr);
+    int rc =
+        mm_model_forward(s->m, &st, s->logits, s->L ? s->step_routing : NULL, ferr, sizeof ferr);
     s->n_steps++;
     double now = mm_now_ms();
     if (rc != MM_OK) {
@@ -923,8 +922,8 @@ int mm_sched_step(mm_sched *s, char *err, size_t errlen) {
             c->n_pos++;
         }
         if (s->row_want[i]) {
-            int32_t next = s_pick(s->logits + w * s->V, s->n_scored, &c->g, &c->rng, s->work,
-                                  s->order);
+            int32_t next =
+                s_pick(s->logits + w * s->V, s->n_scored, &c->g, &c->rng, s->work, s->order);
             w++;
             if (s_take_token(s, c, next, now))
                 c->finishing = 1;

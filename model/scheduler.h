@@ -123,8 +123,8 @@ void mm_sched_request_default(mm_sched_request *r);
 
 /* The scheduler uses all mm_model_n_slots(m) slots of m; m and tok must
  * outlive it, and nothing else may run m while it exists. */
-int mm_sched_new(mm_model *m, const mm_tokenizer *tok, const mm_sched_options *o,
-                 mm_sched **out, char *err, size_t errlen);
+int mm_sched_new(mm_model *m, const mm_tokenizer *tok, const mm_sched_options *o, mm_sched **out,
+                 char *err, size_t errlen);
 
 /* Finishes every outstanding case with MM_EAGAIN "shutting down", frees the
  * scheduler and sets *s = NULL; NULL and *s == NULL are fine. */
@@ -155,8 +155,7 @@ size_t mm_sched_pending(const mm_sched *s);
 size_t mm_sched_active(const mm_sched *s);
 
 /* One tenant's waiting and running cases (for quotas); 0, 0 if unknown. */
-void mm_sched_tenant_load(const mm_sched *s, const char *tenant, size_t *waiting,
-                          size_t *active);
+void mm_sched_tenant_load(const mm_sched *s, const char *tenant, size_t *waiting, size_t *active);
 
 /* Forward steps run so far (failed ones included). */
 uint64_t mm_sched_steps(const mm_sched *s);

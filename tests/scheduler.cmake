@@ -1,0 +1,18 @@
+# tests/scheduler.cmake — the continuous-batching scheduler (model/scheduler.c):
+# equivalence with mm_case_answer for many concurrent cases, streaming, tenant
+# fairness, cancel, deadlines, bad requests, a failing forward step, shutdown.
+# Runs on the tiny checkpoints of tests/model_equivalence.cmake.
+add_executable(test_scheduler ${CMAKE_CURRENT_SOURCE_DIR}/test_scheduler.c)
+target_link_libraries(test_scheduler PRIVATE mm_model m)
+
+# -residual stops at EOS after 3 tokens; -top2 routes each row to 2 experts.
+foreach(name stablelm-f32 phi-f32 stablelm-f32-residual stablelm-f32-top2)
+  add_test(NAME scheduler_${name}
+           COMMAND test_scheduler ${MM_TEST_DATA}/tiny-${name} ${MM_TEST_DATA}/images)
+  set_tests_properties(scheduler_${name} PROPERTIES
+                       FIXTURES_REQUIRED "tiny_${name};tiny_images"
+                       LABELS "model;scheduler" TIMEOUT 300
+                       # one thread: on a shared 2-core box, spinning OpenMP
+                       # threads make each tiny step 10x slower
+                       ENVIRONMENT "OMP_NUM_THREADS=1;OPENBLAS_NUM_THREADS=1")
+endforeach()
