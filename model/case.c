@@ -17,8 +17,7 @@ void mm_case_request_default(mm_case_request *q) {
     q->top_p = 1.0f;
 }
 
-/* Python's str.strip() for ASCII whitespace, in place. */
-static char *s_strip(char *s) {
+char *mm_case_strip(char *s) {
     while (*s && isspace((unsigned char)*s))
         s++;
     size_t n = strlen(s);
@@ -30,6 +29,16 @@ static char *s_strip(char *s) {
 static int s_cmp_cand(const void *a, const void *b) {
     const mm_candidate *x = a, *y = b;
     return x->logprob < y->logprob ? 1 : x->logprob > y->logprob ? -1 : 0;
+}
+
+void mm_case_candidates_json(mm_candidate *cands, size_t n, double classify_ms, json_t *out) {
+    qsort(cands, n, sizeof *cands, s_cmp_cand);
+    json_t *jc = json_array();
+    for (size_t i = 0; i < n; i++)
+        json_array_append_new(jc, json_pack("{s:s, s:f, s:f}", "text", cands[i].text, "logprob",
+                                            cands[i].logprob, "prob", cands[i].prob));
+    json_object_set_new(out, "candidates", jc);
+    json_object_set_new(out, "classify_ms", json_real(classify_ms));
 }
 
 /* Classification: score " " + candidate after the prompt, ranked. */
@@ -77,17 +86,10 @@ static int s_classify(mm_model *m, const mm_tokenizer *tok, const mm_case_reques
         p = comma ? comma + 1 : p + len;
     }
     double t0 = mm_now_ms();
-    if ((rc = mm_classify(m, q->slot, in, mm_tokenizer_size(tok), (const int32_t *const *)ids,
-                          nids, cands, n_cands, err, errlen)) != MM_OK)
+    if ((rc = mm_classify(m, q->slot, in, mm_tokenizer_size(tok), (const int32_t *const *)ids, nids,
+                          cands, n_cands, err, errlen)) != MM_OK)
         goto out;
-    double cls_ms = mm_now_ms() - t0;
-    qsort(cands, n_cands, sizeof *cands, s_cmp_cand);
-    json_t *jc = json_array();
-    for (size_t i = 0; i < n_cands; i++)
-        json_array_append_new(jc, json_pack("{s:s, s:f, s:f}", "text", cands[i].text, "logprob",
-                                            cands[i].logprob, "prob", cands[i].prob));
-    json_object_set_new(out, "candidates", jc);
-    json_object_set_new(out, "classify_ms", json_real(cls_ms));
+    mm_case_candidates_json(cands, n_cands, mm_now_ms() - t0, out);
 out:
     for (size_t i = 0; ids && i < n_cands; i++)
         free(ids[i]);
@@ -98,36 +100,34 @@ out:
     return rc;
 }
 
-/* Routing per MoE layer and position, and which experts served the image
- * tokens and the text tokens. */
-static void s_routing_json(const mm_config *c, const mm_gen_result *res, size_t n_img,
-                           json_t *out) {
+void mm_case_routing_json(const mm_config *c, const int32_t *routing, size_t stride, size_t n_pos,
+                          size_t image_start, size_t n_img, json_t *out) {
     size_t k = (size_t)(c->top_k_experts > 0 ? c->top_k_experts : 1);
     json_t *jr = json_array(), *js = json_array();
     for (int l = 0; c->moe_enable && l < c->n_moe_layers; l++) {
         json_t *je = json_array();
         int img_count[MM_CONFIG_MAX_EXPERTS] = {0}, txt_count[MM_CONFIG_MAX_EXPERTS] = {0};
-        for (size_t pos = 0; pos < res->n_pos; pos++) {
+        for (size_t pos = 0; pos < n_pos; pos++) {
             json_t *pe = json_array();
-            int is_img = n_img && pos >= res->image_start && pos < res->image_start + n_img;
+            int is_img = n_img && pos >= image_start && pos < image_start + n_img;
             for (size_t j = 0; j < k; j++) {
-                int32_t e = res->routing[((size_t)l * res->n_pos + pos) * k + j];
+                int32_t e = routing[((size_t)l * stride + pos) * k + j];
                 json_array_append_new(pe, json_integer(e));
                 if (e >= 0 && e < MM_CONFIG_MAX_EXPERTS)
                     (is_img ? img_count : txt_count)[e]++;
             }
             json_array_append_new(je, pe);
         }
-        json_array_append_new(jr,
-                              json_pack("{s:i, s:o}", "layer", c->moe_layers_idx[l], "experts", je));
+        json_array_append_new(
+            jr, json_pack("{s:i, s:o}", "layer", c->moe_layers_idx[l], "experts", je));
         json_t *ic = json_array(), *tc = json_array();
         for (int e = 0; e < c->num_experts[l]; e++) {
             json_array_append_new(ic, json_integer(img_count[e]));
             json_array_append_new(tc, json_integer(txt_count[e]));
         }
         json_array_append_new(js, json_pack("{s:i, s:o, s:o}", "layer", c->moe_layers_idx[l],
-                                            "image_tokens_per_expert", ic,
-                                            "text_tokens_per_expert", tc));
+                                            "image_tokens_per_expert", ic, "text_tokens_per_expert",
+                                            tc));
     }
     json_object_set_new(out, "routing", jr);
     json_object_set_new(out, "expert_summary", js);
@@ -154,8 +154,7 @@ static int s_generate(mm_model *m, const mm_tokenizer *tok, const mm_case_reques
     if (n_ans && res.tokens[n_ans - 1] == g.eos)
         n_ans--;
     size_t alen = 0;
-    if ((rc = mm_tokenizer_decode(tok, res.tokens, n_ans, 0, &answer, &alen, err, errlen)) !=
-        MM_OK)
+    if ((rc = mm_tokenizer_decode(tok, res.tokens, n_ans, 0, &answer, &alen, err, errlen)) != MM_OK)
         goto out;
     if (q->dump_logits) {
         FILE *f = fopen(q->dump_logits, "wb");
@@ -172,12 +171,12 @@ static int s_generate(mm_model *m, const mm_tokenizer *tok, const mm_case_reques
     json_t *jt = json_array();
     for (size_t i = 0; i < res.n_tokens; i++)
         json_array_append_new(jt, json_integer(res.tokens[i]));
-    json_object_set_new(out, "answer", json_string(s_strip(answer)));
+    json_object_set_new(out, "answer", json_string(mm_case_strip(answer)));
     json_object_set_new(out, "tokens", jt);
     json_object_set_new(out, "prompt_len", json_integer((json_int_t)res.prompt_len));
     json_object_set_new(out, "image_start", json_integer((json_int_t)res.image_start));
     json_object_set_new(out, "image_len", json_integer((json_int_t)in->n_image));
-    s_routing_json(c, &res, in->n_image, out);
+    mm_case_routing_json(c, res.routing, res.n_pos, res.n_pos, res.image_start, in->n_image, out);
     double dsum = 0;
     for (size_t i = 0; i + 1 < res.n_tokens; i++)
         dsum += res.decode_ms[i];
@@ -236,8 +235,8 @@ int mm_case_answer(mm_model *m, const mm_tokenizer *tok, const mm_case_request *
     mm_conv_mode mode = c->arch == MM_ARCH_PHI ? MM_CONV_PHI : MM_CONV_STABLELM;
     if (q->conv_mode && (rc = mm_conv_mode_parse(q->conv_mode, &mode, err, errlen)) != MM_OK)
         goto out;
-    if ((rc = mm_prompt_tokenize(tok, mode, q->question, strlen(q->question), has_image, &ids,
-                                 err, errlen)) != MM_OK)
+    if ((rc = mm_prompt_tokenize(tok, mode, q->question, strlen(q->question), has_image, &ids, err,
+                                 errlen)) != MM_OK)
         goto out;
     mm_prompt_input in = {ids.before, ids.n_before, embeds, n_img, ids.after, ids.n_after};
     out = json_object();

@@ -44,9 +44,8 @@ static int s_cmp_desc(const void *a, const void *b, void *p) {
     return x < y ? 1 : x > y ? -1 : 0;
 }
 
-/* Choose the next token from logits[0..n). Greedy: the first maximum. */
-static int32_t s_pick(const float *logits, size_t n, const mm_gen_params *g, uint64_t *rng,
-                      float *work, int32_t *order) {
+int32_t mm_gen_pick(const float *logits, size_t n, const mm_gen_params *g, uint64_t *rng,
+                    float *work, int32_t *order) {
     size_t best = 0;
     for (size_t i = 1; i < n; i++)
         if (logits[i] > logits[best])
@@ -135,8 +134,8 @@ static int s_prompt_rows(mm_model *m, int slot, const mm_prompt_input *in, const
 }
 
 /* Copy one step's routing [L][n][k] into the result's [L][n_pos][k] at pos0. */
-static void s_keep_routing(mm_gen_result *res, const int32_t *step, size_t n, size_t pos0,
-                           size_t L, size_t k, size_t cap) {
+static void s_keep_routing(mm_gen_result *res, const int32_t *step, size_t n, size_t pos0, size_t L,
+                           size_t k, size_t cap) {
     for (size_t l = 0; l < L; l++)
         memcpy(res->routing + (l * cap + pos0) * k, step + l * n * k, n * k * sizeof *step);
 }
@@ -180,7 +179,11 @@ int mm_generate(mm_model *m, int slot, const mm_prompt_input *in, const mm_gen_p
     /* prefill: the whole prompt in one step, logits of its last row (none
      * when nothing is to be generated: the step then only routes) */
     r.want[P - 1] = max_new > 0;
-    mm_step st = {.n = P, .token = r.token, .embed = r.embed, .slot = r.slot, .pos = r.pos,
+    mm_step st = {.n = P,
+                  .token = r.token,
+                  .embed = r.embed,
+                  .slot = r.slot,
+                  .pos = r.pos,
                   .want_logits = r.want};
     double t0 = mm_now_ms();
     if ((rc = mm_model_forward(m, &st, logits, step_routing, err, errlen)) != MM_OK)
@@ -190,7 +193,7 @@ int mm_generate(mm_model *m, int slot, const mm_prompt_input *in, const mm_gen_p
     res->n_pos = P;
 
     while (max_new > 0) {
-        int32_t next = s_pick(logits, n_scored, g, &rng, work, order);
+        int32_t next = mm_gen_pick(logits, n_scored, g, &rng, work, order);
         if (res->logits)
             memcpy(res->logits + res->n_tokens * V, logits, V * sizeof *logits);
         res->tokens[res->n_tokens++] = next;
@@ -248,14 +251,13 @@ int mm_classify(mm_model *m, int slot, const mm_prompt_input *in, size_t n_score
     float *logits = NULL;
     for (size_t ci = 0; ci < n_cands; ci++) {
         if (cand_n[ci] == 0)
-            return mm_errorf(err, errlen, MM_EINVAL, "classify: candidate %zu ('%s') is empty",
-                             ci, cands[ci].text ? cands[ci].text : "");
+            return mm_errorf(err, errlen, MM_EINVAL, "classify: candidate %zu ('%s') is empty", ci,
+                             cands[ci].text ? cands[ci].text : "");
         /* the prompt and the candidate in one step; logits of the rows that
          * predict each candidate token: the prompt's last row and all but
          * the candidate's last. (The prompt part is recomputed per
          * candidate: simple, and exact; the router's scheduler shares it.) */
-        if ((rc = s_prompt_rows(m, slot, in, cand_ids[ci], cand_n[ci], &r, err, errlen)) !=
-            MM_OK)
+        if ((rc = s_prompt_rows(m, slot, in, cand_ids[ci], cand_n[ci], &r, err, errlen)) != MM_OK)
             goto out;
         size_t P = r.n - cand_n[ci];
         for (size_t t = P - 1; t < r.n - 1; t++)
@@ -265,8 +267,12 @@ int mm_classify(mm_model *m, int slot, const mm_prompt_input *in, size_t n_score
             rc = mm_errorf(err, errlen, MM_ENOMEM, "classify: out of memory");
             goto out;
         }
-        mm_step st = {.n = r.n, .token = r.token, .embed = r.embed, .slot = r.slot,
-                      .pos = r.pos, .want_logits = r.want};
+        mm_step st = {.n = r.n,
+                      .token = r.token,
+                      .embed = r.embed,
+                      .slot = r.slot,
+                      .pos = r.pos,
+                      .want_logits = r.want};
         if ((rc = mm_model_forward(m, &st, logits, NULL, err, errlen)) != MM_OK)
             goto out;
         double lp = 0;

@@ -25,46 +25,53 @@
 typedef struct mm_prompt_input {
     const int32_t *before; /* [n_before] ids before the image (or the whole text) */
     size_t n_before;
-    const float *image;    /* [n_image, hidden] projected image embeddings, or NULL */
+    const float *image; /* [n_image, hidden] projected image embeddings, or NULL */
     size_t n_image;
-    const int32_t *after;  /* [n_after] ids after the image */
+    const int32_t *after; /* [n_after] ids after the image */
     size_t n_after;
 } mm_prompt_input;
 
 typedef struct mm_gen_params {
-    int max_tokens;      /* stop after this many generated tokens (default 64)  */
-    float temperature;   /* 0: greedy (default)                                  */
-    float top_p;         /* nucleus mass when sampling (default 1)               */
-    uint64_t seed;       /* sampling seed                                        */
-    int32_t eos;         /* stop token id, < 0: none                             */
-    size_t n_scored;     /* logits rows that may be chosen: len(tokenizer)       */
-    int keep_logits;     /* 1: keep each step's logits in the result             */
+    int max_tokens;    /* stop after this many generated tokens (default 64)  */
+    float temperature; /* 0: greedy (default)                                  */
+    float top_p;       /* nucleus mass when sampling (default 1)               */
+    uint64_t seed;     /* sampling seed                                        */
+    int32_t eos;       /* stop token id, < 0: none                             */
+    size_t n_scored;   /* logits rows that may be chosen: len(tokenizer)       */
+    int keep_logits;   /* 1: keep each step's logits in the result             */
 } mm_gen_params;
 
 void mm_gen_params_default(mm_gen_params *g);
 
 typedef struct mm_gen_result {
-    int32_t *tokens;     /* [n_tokens] generated ids (EOS included when hit)    */
+    int32_t *tokens; /* [n_tokens] generated ids (EOS included when hit)    */
     size_t n_tokens;
-    size_t prompt_len;   /* positions in the prompt (image rows included)       */
-    size_t image_start;  /* first image position                                */
-    int32_t *routing;    /* [n_moe_layers][n_pos][top_k] experts per position   */
-    size_t n_pos;        /* positions processed (prompt + fed-back tokens)      */
-    float *logits;       /* [n_tokens, vocab] when keep_logits                  */
-    double prefill_ms;   /* prompt forward step                                 */
-    double *decode_ms;   /* [n_tokens - 1] each decode step                     */
+    size_t prompt_len;  /* positions in the prompt (image rows included)       */
+    size_t image_start; /* first image position                                */
+    int32_t *routing;   /* [n_moe_layers][n_pos][top_k] experts per position   */
+    size_t n_pos;       /* positions processed (prompt + fed-back tokens)      */
+    float *logits;      /* [n_tokens, vocab] when keep_logits                  */
+    double prefill_ms;  /* prompt forward step                                 */
+    double *decode_ms;  /* [n_tokens - 1] each decode step                     */
 } mm_gen_result;
 
 void mm_gen_result_clear(mm_gen_result *r);
+
+/* Choose the next token from logits[0..n): greedy (the first maximum) when
+ * g->temperature is 0, else a draw from softmax(logits / T) cut to the
+ * smallest set with mass >= top_p, advancing *rng. work, order: [n]
+ * scratch. Every path that samples uses this, so seeded runs agree. */
+int32_t mm_gen_pick(const float *logits, size_t n, const mm_gen_params *g, uint64_t *rng,
+                    float *work, int32_t *order);
 
 /* Generate in KV-cache slot `slot`. */
 int mm_generate(mm_model *m, int slot, const mm_prompt_input *in, const mm_gen_params *g,
                 mm_gen_result *out, char *err, size_t errlen);
 
 typedef struct mm_candidate {
-    const char *text;  /* as given                                       */
-    double logprob;    /* Σ log p(token | everything before)             */
-    double prob;       /* softmax of logprob over the candidates          */
+    const char *text; /* as given                                       */
+    double logprob;   /* Σ log p(token | everything before)             */
+    double prob;      /* softmax of logprob over the candidates          */
 } mm_candidate;
 
 /* Score each candidate's token ids (cand_ids[i], cand_n[i]) after the prompt;

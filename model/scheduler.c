@@ -9,8 +9,8 @@
  * at positions 0..P-1 — here maybe split in chunks — then each generated
  * token fed back at the next position), its KV-cache slot is its own, and
  * attention only reads positions <= the row's own, so stale cache entries
- * of a slot's previous case are never seen. Sampling is mm_generate's
- * s_pick, copied below (it is static there).
+ * of a slot's previous case are never seen. Sampling is mm_gen_pick, as
+ * in mm_generate.
  */
 #include "scheduler.h"
 
@@ -92,53 +92,6 @@ struct mm_sched {
 };
 
 /* ---- sampling: mm_generate's, verbatim ---------------------------------- */
-
-/* xorshift64*: small, seedable, good enough to draw from a distribution. */
-static double s_uniform(uint64_t *state) {
-    uint64_t x = *state ? *state : 0x9e3779b97f4a7c15ull;
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    *state = x;
-    return (double)((x * 0x2545f4914f6cdd1dull) >> 11) / 9007199254740992.0;
-}
-
-static int s_cmp_desc(const void *a, const void *b, void *p) {
-    const float *v = p;
-    float x = v[*(const int32_t *)a], y = v[*(const int32_t *)b];
-    return x < y ? 1 : x > y ? -1 : 0;
-}
-
-/* Choose the next token from logits[0..n). Greedy: the first maximum. */
-static int32_t s_pick(const float *logits, size_t n, const mm_gen_params *g, uint64_t *rng,
-                      float *work, int32_t *order) {
-    size_t best = 0;
-    for (size_t i = 1; i < n; i++)
-        if (logits[i] > logits[best])
-            best = i;
-    if (g->temperature <= 0.0f)
-        return (int32_t)best;
-    double sum = 0;
-    for (size_t i = 0; i < n; i++) {
-        work[i] = expf((logits[i] - logits[best]) / g->temperature);
-        sum += work[i];
-        order[i] = (int32_t)i;
-    }
-    for (size_t i = 0; i < n; i++)
-        work[i] = (float)(work[i] / sum);
-    qsort_r(order, n, sizeof *order, s_cmp_desc, work);
-    double mass = 0, cut = g->top_p > 0 && g->top_p < 1 ? g->top_p : 1.0;
-    size_t keep = 0;
-    while (keep < n && mass < cut)
-        mass += work[order[keep++]];
-    double r = s_uniform(rng) * mass, acc = 0;
-    for (size_t i = 0; i < keep; i++) {
-        acc += work[order[i]];
-        if (r < acc)
-            return order[i];
-    }
-    return order[keep - 1];
-}
 
 /* ---- options, cases, tenants -------------------------------------------- */
 
@@ -243,55 +196,6 @@ static void s_unqueue(mm_sched *s, s_case *c) {
 
 /* ---- the answer ---------------------------------------------------------- */
 
-static int s_cmp_cand(const void *a, const void *b) {
-    const mm_candidate *x = a, *y = b;
-    return x->logprob < y->logprob ? 1 : x->logprob > y->logprob ? -1 : 0;
-}
-
-/* Python's str.strip() for ASCII whitespace (as case.c), in place. */
-static char *s_strip(char *p) {
-    while (*p == ' ' || (*p >= '\t' && *p <= '\r'))
-        p++;
-    size_t n = strlen(p);
-    while (n && (p[n - 1] == ' ' || (p[n - 1] >= '\t' && p[n - 1] <= '\r')))
-        p[--n] = 0;
-    return p;
-}
-
-/* case.c's routing and expert_summary, from the [L][cap][K] layout. */
-static void s_routing_json(const mm_sched *s, const s_case *c, json_t *out) {
-    const mm_config *cf = mm_model_config(s->m);
-    size_t image_start = c->n_img ? c->n_before : 0;
-    json_t *jr = json_array(), *js = json_array();
-    for (size_t l = 0; l < s->L; l++) {
-        json_t *je = json_array();
-        int img_count[MM_CONFIG_MAX_EXPERTS] = {0}, txt_count[MM_CONFIG_MAX_EXPERTS] = {0};
-        for (size_t pos = 0; pos < c->n_pos; pos++) {
-            json_t *pe = json_array();
-            int is_img = c->n_img && pos >= image_start && pos < image_start + c->n_img;
-            for (size_t j = 0; j < s->K; j++) {
-                int32_t e = c->routing[(l * c->cap + pos) * s->K + j];
-                json_array_append_new(pe, json_integer(e));
-                if (e >= 0 && e < MM_CONFIG_MAX_EXPERTS)
-                    (is_img ? img_count : txt_count)[e]++;
-            }
-            json_array_append_new(je, pe);
-        }
-        json_array_append_new(
-            jr, json_pack("{s:i, s:o}", "layer", cf->moe_layers_idx[l], "experts", je));
-        json_t *ic = json_array(), *tc = json_array();
-        for (int e = 0; e < cf->num_experts[l]; e++) {
-            json_array_append_new(ic, json_integer(img_count[e]));
-            json_array_append_new(tc, json_integer(txt_count[e]));
-        }
-        json_array_append_new(js, json_pack("{s:i, s:o, s:o}", "layer", cf->moe_layers_idx[l],
-                                            "image_tokens_per_expert", ic, "text_tokens_per_expert",
-                                            tc));
-    }
-    json_object_set_new(out, "routing", jr);
-    json_object_set_new(out, "expert_summary", js);
-}
-
 /* Score the candidates in the case's slot (mm_case_answer's s_classify). */
 static int s_classify(mm_sched *s, s_case *c, json_t *out, char *err, size_t errlen) {
     mm_candidate *cands = calloc(c->n_cands, sizeof *cands);
@@ -307,14 +211,7 @@ static int s_classify(mm_sched *s, s_case *c, json_t *out, char *err, size_t err
     int rc = mm_classify(s->m, c->slot, &in, s->n_scored, (const int32_t *const *)c->cand_ids,
                          c->cand_n, cands, c->n_cands, err, errlen);
     if (rc == MM_OK) {
-        double cls_ms = mm_now_ms() - t0;
-        qsort(cands, c->n_cands, sizeof *cands, s_cmp_cand);
-        json_t *jc = json_array();
-        for (size_t i = 0; i < c->n_cands; i++)
-            json_array_append_new(jc, json_pack("{s:s, s:f, s:f}", "text", cands[i].text, "logprob",
-                                                cands[i].logprob, "prob", cands[i].prob));
-        json_object_set_new(out, "candidates", jc);
-        json_object_set_new(out, "classify_ms", json_real(cls_ms));
+        mm_case_candidates_json(cands, c->n_cands, mm_now_ms() - t0, out);
     }
     free(cands);
     return rc;
@@ -332,13 +229,14 @@ static int s_result(mm_sched *s, s_case *c, json_t **outp, char *err, size_t err
     json_t *out = json_object(), *jt = json_array();
     for (size_t i = 0; i < c->n_tokens; i++)
         json_array_append_new(jt, json_integer(c->tokens[i]));
-    json_object_set_new(out, "answer", json_string(s_strip(answer)));
+    json_object_set_new(out, "answer", json_string(mm_case_strip(answer)));
     free(answer);
     json_object_set_new(out, "tokens", jt);
     json_object_set_new(out, "prompt_len", json_integer((json_int_t)c->P));
     json_object_set_new(out, "image_start", json_integer((json_int_t)(c->n_img ? c->n_before : 0)));
     json_object_set_new(out, "image_len", json_integer((json_int_t)c->n_img));
-    s_routing_json(s, c, out);
+    mm_case_routing_json(mm_model_config(s->m), c->routing, c->cap, c->n_pos,
+                         c->n_img ? c->n_before : 0, c->n_img, out);
     json_object_set_new(out, "vision_ms", json_real(c->vision_ms));
     json_object_set_new(out, "prefill_ms", json_real(c->t_prefill1 - c->t_prefill0));
     json_object_set_new(
@@ -923,7 +821,7 @@ int mm_sched_step(mm_sched *s, char *err, size_t errlen) {
         }
         if (s->row_want[i]) {
             int32_t next =
-                s_pick(s->logits + w * s->V, s->n_scored, &c->g, &c->rng, s->work, s->order);
+                mm_gen_pick(s->logits + w * s->V, s->n_scored, &c->g, &c->rng, s->work, s->order);
             w++;
             if (s_take_token(s, c, next, now))
                 c->finishing = 1;
