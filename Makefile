@@ -9,7 +9,8 @@ APT_PACKAGES = build-essential cmake pkg-config glslc libvulkan-dev mesa-vulkan-
   libopenblas-dev libcmocka-dev libjansson-dev libpng-dev libjpeg62-turbo-dev \
   libgrpc-dev libprotobuf-c-dev protobuf-c-compiler libzmq3-dev \
   libpcre2-dev python3-torch python3-numpy python3-pil python3-regex \
-  python3-grpcio python3-grpc-tools python3-pydicom python3-zmq
+  python3-grpcio python3-grpc-tools python3-pydicom python3-zmq \
+  openssl nodejs libmicrohttpd-dev
 
 .PHONY: deps build test bench demo asan clean format
 
@@ -23,6 +24,9 @@ deps:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	else echo "all Debian packages present"; fi
+	@# npm: Debian's package, unless a nodejs build that bundles npm is installed
+	@command -v npm >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq npm; }
 
 $(BUILD)/CMakeCache.txt:
 	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo

@@ -28,6 +28,7 @@
 #define S_DEAD_AFTER 3        /* silent heartbeats before the router counts as gone */
 #define S_BACKOFF_MAX_MS 8000 /* longest pause between reconnections                */
 #define S_QUEUE_MAX 64        /* batches queued for the compute thread; more: BUSY  */
+#define S_DRAIN_MS 10000      /* on SIGTERM, finish queued batches for at most this */
 
 static volatile sig_atomic_t g_stop;
 
@@ -217,6 +218,7 @@ typedef struct s_node {
     pthread_cond_t cv;  /* todo non-empty or quit                               */
     s_job *todo, *todo_tail, *done, *done_tail;
     int n_todo, quit;
+    int busy;         /* the compute thread holds a job (guarded by mu)               */
     int wake[2];      /* pipe: the worker writes a byte per finished job     */
     mm_tensor *x, *y; /* [rows_cached, hidden] reused while rows repeat (worker) */
     size_t rows_cached;
@@ -386,6 +388,7 @@ static void *s_worker(void *arg) {
         if (!n->todo)
             n->todo_tail = NULL;
         n->n_todo--;
+        n->busy = 1;
         pthread_mutex_unlock(&n->mu);
 
         s_compute(n, j);
@@ -397,6 +400,7 @@ static void *s_worker(void *arg) {
         else
             n->done = j;
         n->done_tail = j;
+        n->busy = 0;
         pthread_mutex_unlock(&n->mu);
         char one = 1;
         if (write(n->wake[1], &one, 1) < 0) {
@@ -539,6 +543,47 @@ static int s_handle(s_node *n) {
     return out;
 }
 
+static void s_heartbeat_if_due(s_node *n, double now) {
+    if (n->welcomed && now - n->last_send_ms >= n->hb_ms) {
+        Medmoe__Wire__Heartbeat hb = MEDMOE__WIRE__HEARTBEAT__INIT;
+        Medmoe__Wire__Envelope env = MEDMOE__WIRE__ENVELOPE__INIT;
+        env.body_case = MM_WIRE_HEARTBEAT;
+        env.heartbeat = &hb;
+        s_send(n, &env, NULL);
+    }
+}
+
+/* After SIGTERM: reply to the batches already queued or being computed
+ * (new Work is answered DRAINING by s_work's validation, so the router
+ * sends it elsewhere), for at most S_DRAIN_MS; then the caller says Bye.
+ * Scaling down then costs no recomputation. */
+static void s_drain(s_node *n) {
+    double until = mm_now_ms() + S_DRAIN_MS;
+    int n_left = 0;
+    for (;;) {
+        pthread_mutex_lock(&n->mu);
+        int idle = !n->todo && !n->busy;
+        n_left = n->n_todo + n->busy;
+        pthread_mutex_unlock(&n->mu);
+        s_flush_done(n);
+        if (idle || mm_now_ms() >= until)
+            break;
+        zmq_pollitem_t it[2] = {{.socket = n->sock, .events = ZMQ_POLLIN},
+                                {.fd = n->wake[0], .events = ZMQ_POLLIN}};
+        if (zmq_poll(it, 2, 50) > 0 && (it[0].revents & ZMQ_POLLIN)) {
+            for (int i = 0; i < 100; i++)
+                if (s_handle(n) != 0)
+                    break;
+        }
+        s_heartbeat_if_due(n, mm_now_ms());
+    }
+    if (n_left)
+        s_log("drain: %d batch(es) still unanswered after %d ms; the router re-sends them", n_left,
+              S_DRAIN_MS);
+    else
+        s_log("drained: every queued batch answered");
+}
+
 static int s_serve(s_node *n) {
     int backoff = n->a.heartbeat_ms;
     n->lost_since_ms = mm_now_ms();
@@ -587,16 +632,12 @@ static int s_serve(s_node *n) {
                 return 1;
             continue;
         }
-        if (n->welcomed && now - n->last_send_ms >= n->hb_ms) {
-            Medmoe__Wire__Heartbeat hb = MEDMOE__WIRE__HEARTBEAT__INIT;
-            Medmoe__Wire__Envelope env = MEDMOE__WIRE__ENVELOPE__INIT;
-            env.body_case = MM_WIRE_HEARTBEAT;
-            env.heartbeat = &hb;
-            s_send(n, &env, NULL);
-        }
+        s_heartbeat_if_due(n, now);
     }
-    /* SIGTERM: say Bye so the router re-routes at once instead of after 3 beats. */
+    /* SIGTERM: drain, then say Bye so the router re-routes at once instead of
+     * after 3 beats. */
     if (n->sock && n->welcomed) {
+        s_drain(n);
         Medmoe__Wire__Bye bye = MEDMOE__WIRE__BYE__INIT;
         bye.reason = "shutting down (signal)";
         Medmoe__Wire__Envelope env = MEDMOE__WIRE__ENVELOPE__INIT;
