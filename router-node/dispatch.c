@@ -77,6 +77,9 @@ struct mm_dispatch {
     double layer_sum;                 /* start() entry -> last result, per layer     */
     double wait_sum;                  /* time blocked in finish(), per layer         */
     double layer_t0;
+    /* metrics (NULL families when o.metrics is NULL: updates are no-ops) */
+    mm_metric *m_routed, *m_batch_s, *m_live, *m_queue;
+    int queue_shown[MM_CONFIG_MAX_EXPERTS]; /* last medmoe_expert_queue_depth set    */
 };
 
 static double s_now_ms(void) {
@@ -85,14 +88,71 @@ static double s_now_ms(void) {
     return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
 }
 
-static void s_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void s_log(const char *fmt, ...) {
-    char line[1024];
+static void s_log(const mm_dispatch *d, mm_log_level level, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void s_log(const mm_dispatch *d, mm_log_level level, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(line, sizeof line, fmt, ap);
+    mm_vlogf(d->o.log, level, NULL, fmt, ap);
     va_end(ap);
-    fprintf(stderr, "medmoe-router: %s\n", line);
+}
+
+/* ---- metrics ---------------------------------------------------------------- */
+
+static void s_show_live(mm_dispatch *d, int e) {
+    char k[16];
+    snprintf(k, sizeof k, "%d", e);
+    mm_metric_set(d->m_live, mm_dispatch_live(d, e), k);
+}
+
+/* medmoe_expert_queue_depth{expert}: the current MoE layer's batches not yet
+ * answered, per expert (sent or waiting for a replica). Only changed values
+ * are set: this runs on every result. */
+static void s_show_queue(mm_dispatch *d) {
+    if (!d->m_queue)
+        return;
+    int q[MM_CONFIG_MAX_EXPERTS] = {0};
+    for (size_t i = 0; i < d->nb; i++)
+        if (!d->b[i].done && d->b[i].job->expert >= 0 && d->b[i].job->expert < d->o.n_experts)
+            q[d->b[i].job->expert]++;
+    for (int e = 0; e < d->o.n_experts; e++)
+        if (q[e] != d->queue_shown[e]) {
+            char k[16];
+            snprintf(k, sizeof k, "%d", e);
+            mm_metric_set(d->m_queue, q[e], k);
+            d->queue_shown[e] = q[e];
+        }
+}
+
+static int s_metrics_init(mm_dispatch *d, char *err, size_t errlen) {
+    /* a batch's round trip: a few rows on loopback take ~100 us, a prefill
+     * of a large image on a busy node seconds */
+    static const double b[] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+                               0.025,  0.05,    0.1,    0.25,  0.5,    1,     2.5};
+    mm_metrics *reg = d->o.metrics;
+    d->m_routed = mm_metrics_counter(reg, "medmoe_tokens_routed_total",
+                                     "Token rows sent to a routed expert, per decoder layer "
+                                     "(re-sends not counted).",
+                                     "layer,expert");
+    d->m_batch_s = mm_metrics_histogram(reg, "medmoe_replica_batch_seconds",
+                                        "Round trip of one batch to an expert replica: sent to "
+                                        "result received.",
+                                        "expert,replica", b, sizeof b / sizeof *b);
+    d->m_live = mm_metrics_gauge(reg, "medmoe_live_replicas",
+                                 "Live (welcomed, not silent) replicas per expert.", "expert");
+    d->m_queue = mm_metrics_gauge(reg, "medmoe_expert_queue_depth",
+                                  "Batches of the current MoE layer not yet answered by expert K "
+                                  "(in flight or waiting for a replica).",
+                                  "expert");
+    if (!d->m_routed || !d->m_batch_s || !d->m_live || !d->m_queue)
+        return mm_errorf(err, errlen, MM_EINVAL, "dispatch metrics: %s", mm_metrics_error(reg));
+    for (int e = 0; e < d->o.n_experts; e++) { /* 0 is a value: the HPA must see it */
+        char k[16];
+        snprintf(k, sizeof k, "%d", e);
+        mm_metric_set(d->m_live, 0, k);
+        mm_metric_set(d->m_queue, 0, k);
+    }
+    return MM_OK;
 }
 
 void mm_dispatch_options_default(mm_dispatch_options *o) {
@@ -137,7 +197,7 @@ static int s_send(mm_dispatch *d, size_t ri, const Medmoe__Wire__Envelope *env, 
     } else if (rc == MM_EIO && errno == EHOSTUNREACH) {
         s_drop(d, ri, "connection gone (EHOSTUNREACH on send)");
     } else if (rc != MM_EAGAIN) {
-        s_log("send to replica %s failed: %s", r->name, err);
+        s_log(d, MM_LOG_WARN, "send to replica %s failed: %s", r->name, err);
     }
     return rc;
 }
@@ -147,7 +207,7 @@ static void s_send_to_id(mm_dispatch *d, const uint8_t *id, size_t idlen,
                          const Medmoe__Wire__Envelope *env) {
     char err[256];
     if (mm_wire_send(d->sock, id, idlen, env, NULL, err, sizeof err) != MM_OK)
-        s_log("reply to an unregistered peer failed: %s", err);
+        s_log(d, MM_LOG_WARN, "reply to an unregistered peer failed: %s", err);
 }
 
 static void s_drop(mm_dispatch *d, size_t ri, const char *fmt, ...) {
@@ -173,7 +233,13 @@ static void s_drop(mm_dispatch *d, size_t ri, const char *fmt, ...) {
     d->resent += moved;
     r->inflight = 0;
     r->inflight_rows = 0;
-    s_log("replica %s (expert %d, %s) left: %s; %zu in-flight batch(es) to re-send; expert %d "
+    s_show_live(d, r->expert);
+    if (d->m_batch_s) { /* replica names are not reused: keep the series count bounded */
+        char k[16];
+        snprintf(k, sizeof k, "%d", r->expert);
+        mm_metric_remove(d->m_batch_s, k, r->name);
+    }
+    s_log(d, MM_LOG_INFO, "replica %s (expert %d, %s) left: %s; %zu in-flight batch(es) to re-send; expert %d "
           "has %d live replica(s)",
           r->name, r->expert, r->node, why, moved, r->expert, mm_dispatch_live(d, r->expert));
 }
@@ -263,7 +329,7 @@ static void s_refuse(mm_dispatch *d, const mm_wire_msg *m, const char *node, int
     env.body_case = MM_WIRE_REFUSE;
     env.refuse = &rf;
     s_send_to_id(d, m->id, m->idlen, &env);
-    s_log("refused %s (expert %d): %s", node && *node ? node : "a peer", expert, reason);
+    s_log(d, MM_LOG_WARN, "refused %s (expert %d): %s", node && *node ? node : "a peer", expert, reason);
     s_refused(d, reason, expert, node);
 }
 
@@ -325,8 +391,9 @@ static void s_hello(mm_dispatch *d, const mm_wire_msg *m) {
     Medmoe__Wire__Envelope env = MEDMOE__WIRE__ENVELOPE__INIT;
     env.body_case = MM_WIRE_WELCOME;
     env.welcome = &w;
+    s_show_live(d, r->expert);
     if (s_send(d, ri, &env, NULL) == MM_OK)
-        s_log("replica %s joined: expert %d, node %s, backend %s, capacity %u; expert %d has %d "
+        s_log(d, MM_LOG_INFO, "replica %s joined: expert %d, node %s, backend %s, capacity %u; expert %d has %d "
               "live replica(s)",
               r->name, r->expert, r->node, r->backend, r->capacity, r->expert,
               mm_dispatch_live(d, r->expert));
@@ -344,7 +411,7 @@ static void s_result(mm_dispatch *d, long ri, const mm_wire_msg *m) {
     char idbuf[2 * MM_WIRE_MAX_ID + 1];
     if (ri < 0) {
         d->dropped++;
-        s_log("discarded result for batch %llu from an unregistered or removed peer %s",
+        s_log(d, MM_LOG_WARN, "discarded result for batch %llu from an unregistered or removed peer %s",
               (unsigned long long)res->batch_id,
               mm_wire_id_str(m->id, m->idlen, idbuf, sizeof idbuf));
         return;
@@ -353,7 +420,7 @@ static void s_result(mm_dispatch *d, long ri, const mm_wire_msg *m) {
     s_batch *b = s_batch_by_id(d, res->batch_id);
     if (!b || b->done || b->replica != ri) {
         d->dropped++;
-        s_log("discarded result from %s for %s batch %llu", r->name,
+        s_log(d, MM_LOG_WARN, "discarded result from %s for %s batch %llu", r->name,
               !b        ? "unknown"
               : b->done ? "already answered"
                         : "another replica's",
@@ -384,7 +451,7 @@ static void s_result(mm_dispatch *d, long ri, const mm_wire_msg *m) {
             res->error == MEDMOE__WIRE__ERROR_CODE__ERROR_DRAINING) {
             if (res->error == MEDMOE__WIRE__ERROR_CODE__ERROR_DRAINING)
                 r->draining = 1;
-            s_log("replica %s answered %s for batch %llu (%s): sending it elsewhere", r->name,
+            s_log(d, MM_LOG_WARN, "replica %s answered %s for batch %llu (%s): sending it elsewhere", r->name,
                   mm_wire_error_str(res->error), (unsigned long long)b->id, msg);
             b->replica = -1;
             b->avoid = ri;
@@ -434,6 +501,12 @@ static void s_result(mm_dispatch *d, long ri, const mm_wire_msg *m) {
     r->rows += j->n;
     b->done = 1;
     mm_wire_buf_unref(&b->buf);
+    if (d->m_batch_s) {
+        char k[16];
+        snprintf(k, sizeof k, "%d", r->expert);
+        mm_metric_observe(d->m_batch_s, rtt / 1e6, k, r->name);
+    }
+    s_show_queue(d);
 }
 
 /* One message off the socket. MM_EAGAIN: none queued. */
@@ -446,7 +519,7 @@ static int s_handle_one(mm_dispatch *d) {
     long ri = s_find(d, m.id, m.idlen);
     if (rc == MM_EPROTO) {
         d->dropped++;
-        s_log("dropped a malformed message from %s: %s",
+        s_log(d, MM_LOG_WARN, "dropped a malformed message from %s: %s",
               ri >= 0 ? d->reps[ri].name : mm_wire_id_str(m.id, m.idlen, idbuf, sizeof idbuf), err);
         return MM_OK;
     }
@@ -468,7 +541,7 @@ static int s_handle_one(mm_dispatch *d) {
     case MM_WIRE_RESULT: s_result(d, ri, &m); break;
     default:
         d->dropped++;
-        s_log("dropped an unexpected message (body %d) from %s", (int)m.env->body_case,
+        s_log(d, MM_LOG_WARN, "dropped an unexpected message (body %d) from %s", (int)m.env->body_case,
               ri >= 0 ? d->reps[ri].name : mm_wire_id_str(m.id, m.idlen, idbuf, sizeof idbuf));
         break;
     }
@@ -527,7 +600,7 @@ static void s_zap_one(mm_dispatch *d) {
         char reason[200];
         snprintf(reason, sizeof reason, "curve key %s from %s is not in --curve-allow",
                  *key ? key : "(none)", addr);
-        s_log("refused a connection: %s", reason);
+        s_log(d, MM_LOG_WARN, "refused a connection: %s", reason);
         s_refused(d, reason, -1, addr);
     }
 }
@@ -572,7 +645,7 @@ static int s_service(mm_dispatch *d, int timeout_ms, int fd, int *fd_ready) {
         timeout_ms = 0;
     int rc = zmq_poll(it, n, timeout_ms);
     if (rc < 0 && zmq_errno() != EINTR) {
-        s_log("poll failed: %s", zmq_strerror(zmq_errno()));
+        s_log(d, MM_LOG_ERROR, "poll failed: %s", zmq_strerror(zmq_errno()));
         return MM_EIO;
     }
     if (rc > 0) {
@@ -629,6 +702,7 @@ static void s_step_reset(mm_dispatch *d) {
     d->nb = 0;
     d->step_rc = MM_OK;
     d->step_err[0] = 0;
+    s_show_queue(d);
 }
 
 static int s_start(void *ctx, mm_model *m, mm_expert_job *jobs, size_t n, char *err,
@@ -667,6 +741,12 @@ static int s_start(void *ctx, mm_model *m, mm_expert_job *jobs, size_t n, char *
                              bytes);
         }
         d->nb++;
+        if (d->m_routed) {
+            char layer[16], k[16];
+            snprintf(layer, sizeof layer, "%d", j->layer);
+            snprintf(k, sizeof k, "%d", j->expert);
+            mm_metric_add(d->m_routed, (double)j->n, layer, k);
+        }
         int rc = mm_tensor_get(j->x, b->buf->data);
         if (rc != MM_OK) {
             mm_errorf(err, errlen, rc, "dispatch: reading rows of expert %d, MoE layer %d: %s",
@@ -681,6 +761,7 @@ static int s_start(void *ctx, mm_model *m, mm_expert_job *jobs, size_t n, char *
         s_step_reset(d);
         return rc;
     }
+    s_show_queue(d);
     return MM_OK;
 }
 
@@ -774,6 +855,8 @@ int mm_dispatch_new(const mm_dispatch_options *o, mm_dispatch **out, char *err, 
         goto fail;
     }
     memcpy(d->fp, o->fingerprints, (size_t)o->n_experts * sizeof *d->fp);
+    if (o->metrics && (rc = s_metrics_init(d, err, errlen)) != MM_OK)
+        goto fail;
     for (size_t i = 0; i < o->n_allow; i++)
         snprintf(d->allow[i], sizeof d->allow[i], "%s", o->curve_allow[i]);
     d->zctx = zmq_ctx_new();

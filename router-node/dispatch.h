@@ -28,7 +28,9 @@
 #include <stddef.h>
 
 #include "fingerprint.h"
+#include "log.h"
 #include "medmoe.h"
+#include "metrics.h"
 
 typedef struct mm_dispatch mm_dispatch;
 
@@ -47,6 +49,14 @@ typedef struct mm_dispatch_options {
     size_t n_allow;
     int hwm;                     /* send/receive high-water mark, messages (default 1000)    */
     volatile sig_atomic_t *stop; /* set by a signal: waits end with MM_ERR (may be NULL)  */
+    mm_log *log;                 /* event lines (NULL: text on stderr)                    */
+    /* Prometheus registry (NULL: none). Registers and keeps up to date:
+     * medmoe_tokens_routed_total{layer,expert} (rows sent, per decoder layer),
+     * medmoe_replica_batch_seconds{expert,replica} (send -> result),
+     * medmoe_live_replicas{expert}, and medmoe_expert_queue_depth{expert}
+     * (batches of the current MoE layer in flight to or waiting for expert K:
+     * the HorizontalPodAutoscaler's metric). */
+    mm_metrics *metrics;
 } mm_dispatch_options;
 
 void mm_dispatch_options_default(mm_dispatch_options *o);

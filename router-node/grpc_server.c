@@ -1,0 +1,1253 @@
+/* grpc_server.c — medmoe.v1.CaseService + grpc.health.v1 on the gRPC C core
+ * (see grpc_server.h). The only file of the project that calls grpc_*.
+ *
+ * Sections: call state; sending (one batch in flight per call); arrival,
+ * admission and validation; scheduler callbacks; events; server life.
+ */
+#include "grpc_server.h"
+#include "router_metrics.h"
+
+#include <errno.h>
+#include <grpc/byte_buffer.h>
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
+#include <grpc/slice.h>
+#include <grpc/support/time.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "config.h"
+#include "generate.h"
+#include "health.pb-c.h"
+#include "medmoe.pb-c.h"
+
+/* ---- call state ------------------------------------------------------------ */
+
+enum { M_ASK, M_STREAM, M_CLASSIFY, M_INFO, M_HEALTH, M_UNKNOWN, M_COUNT };
+static const char *const s_method_path[M_UNKNOWN] = {
+    "/medmoe.v1.CaseService/Ask", "/medmoe.v1.CaseService/AskStream",
+    "/medmoe.v1.CaseService/Classify", "/medmoe.v1.CaseService/GetServerInfo",
+    "/grpc.health.v1.Health/Check"};
+static const char *const s_method_name[M_COUNT] = {"Ask",           "AskStream",    "Classify",
+                                                   "GetServerInfo", "Health.Check", "unknown"};
+
+enum { T_NEW, T_CLOSE, T_SEND, T_SHUTDOWN };
+typedef struct s_tag {
+    int kind;  /* T_*                          */
+    void *obj; /* s_listener or s_call or NULL */
+} s_tag;
+
+/* Requests for new calls kept outstanding per method: gRPC matches arriving
+ * calls to them on its own threads, also while a scheduler step holds the
+ * engine thread; unmatched calls would wait in gRPC (and be CANCELLED by a
+ * shutdown instead of getting our UNAVAILABLE). */
+#define S_LISTENERS 16
+
+/* One outstanding grpc_server_request_(registered_)call. */
+typedef struct s_listener {
+    mm_grpc_server *g;
+    int method;                /* M_*; M_UNKNOWN = unregistered catch-all   */
+    void *rm;                  /* registered method handle; NULL: catch-all */
+    grpc_call *call;           /* filled on arrival                         */
+    gpr_timespec deadline;     /* registered calls                          */
+    grpc_call_details details; /* catch-all: method, deadline               */
+    grpc_metadata_array md;    /* request metadata                          */
+    grpc_byte_buffer *payload; /* the request message (registered calls)    */
+    s_tag tag;
+} s_listener;
+
+typedef struct s_call {
+    mm_grpc_server *g;
+    int method;                /* M_*                                              */
+    grpc_call *call;           /* owned: unref'ed when freed                       */
+    grpc_metadata_array md;    /* owned request metadata                           */
+    grpc_call_details details; /* owned (catch-all calls only; zeroed otherwise)   */
+    int has_details;
+    double t_arrival;   /* mm_now_ms() at arrival                              */
+    double deadline_ms; /* on mm_now_ms()'s clock; 0 = none                    */
+    double t_submit;    /* mm_now_ms() when handed to the scheduler            */
+    int tenant;         /* tenants index; -1 = not authenticated               */
+    int admitted;       /* a quota unit is held (released when freed)          */
+    char *client_case_id;
+    uint64_t sched_id;  /* the scheduler's case id                             */
+    int in_sched;       /* submitted, on_done not yet called                   */
+    int aborted;        /* the client cancelled / went away, or a send failed */
+    int recv_cancelled; /* GRPC_OP_RECV_CLOSE_ON_SERVER's output            */
+    int ops;            /* batches started and not yet completed             */
+    int send_busy;      /* a send batch is in flight                         */
+    int md_sent;        /* initial metadata went out                         */
+    int status_set;     /* code/msg are final                                */
+    int status_started; /* SEND_STATUS_FROM_SERVER is in a started batch     */
+    grpc_status_code code;
+    char msg[1024];
+    grpc_slice status_slice; /* details of the status in flight (has_slice)  */
+    int has_slice;
+    grpc_byte_buffer *reply;   /* unary: the response; stream: the final chunk */
+    grpc_byte_buffer *sending; /* the message of the batch in flight            */
+    /* AskStream: answer pieces not yet sent */
+    char *acc;
+    size_t acc_len, acc_cap;
+    int32_t *acc_tok;
+    size_t acc_n, acc_tcap;
+    /* for the audit record */
+    json_t *experts; /* expert_summary of the result, or NULL */
+    unsigned prompt_tokens, generated_tokens;
+    double queue_ms, ttft_ms;
+    double t_last_token; /* mm_now_ms() of the last generated token (0: none yet) */
+    int max_tokens; /* the request's effective max_tokens (finish_reason) */
+    s_tag t_close, t_send;
+    struct s_call *prev, *next; /* the server's list of live calls */
+} s_call;
+
+struct mm_grpc_server {
+    mm_grpc_options o;
+    grpc_server *server;
+    grpc_completion_queue *cq;
+    int port;
+    s_listener lis[M_COUNT][S_LISTENERS];
+    s_call *calls; /* live calls, newest first */
+    size_t n_calls;
+    int draining;      /* new calls get UNAVAILABLE "shutting down"          */
+    int shutting_down; /* grpc_server_shutdown_and_notify called             */
+    int shutdown_done; /* ... and its tag came back                          */
+    s_tag t_shutdown;
+    mm_router_case_metrics cm; /* NULL handles without o.metrics */
+};
+
+void mm_grpc_options_default(mm_grpc_options *o) {
+    memset(o, 0, sizeof *o);
+    o->max_image_bytes = 20u << 20;
+    o->max_question_bytes = 4096;
+    o->max_tokens_default = 64;
+    o->max_tokens_limit = 512;
+    o->max_message = 32u << 20;
+    o->max_candidates = 64;
+    o->version = "";
+    o->eos_token = -1;
+    o->log_calls = 1;
+}
+
+static const char *s_code_name(grpc_status_code c) {
+    static const char *const names[] = {"OK",
+                                        "CANCELLED",
+                                        "UNKNOWN",
+                                        "INVALID_ARGUMENT",
+                                        "DEADLINE_EXCEEDED",
+                                        "NOT_FOUND",
+                                        "ALREADY_EXISTS",
+                                        "PERMISSION_DENIED",
+                                        "RESOURCE_EXHAUSTED",
+                                        "FAILED_PRECONDITION",
+                                        "ABORTED",
+                                        "OUT_OF_RANGE",
+                                        "UNIMPLEMENTED",
+                                        "INTERNAL",
+                                        "UNAVAILABLE",
+                                        "DATA_LOSS",
+                                        "UNAUTHENTICATED"};
+    return (unsigned)c < sizeof names / sizeof *names ? names[c] : "UNKNOWN";
+}
+
+static int s_is_case_method(int m) { return m == M_ASK || m == M_STREAM || m == M_CLASSIFY; }
+
+/* The audit record and the log line: the one place a call ends. */
+static void s_call_free(s_call *c) {
+    mm_grpc_server *g = c->g;
+    double ms = mm_now_ms() - c->t_arrival;
+    const char *tenant = c->tenant >= 0 ? mm_tenants_id(g->o.tenants, c->tenant) : "";
+    if (s_is_case_method(c->method) && g->o.audit) {
+        json_t *r = json_object();
+        json_object_set_new(r, "tenant", json_string(tenant));
+        json_object_set_new(r, "case_id", json_string(c->client_case_id ? c->client_case_id : ""));
+        json_object_set_new(r, "method", json_string(s_method_name[c->method]));
+        json_object_set_new(r, "status", json_string(s_code_name(c->code)));
+        json_object_set_new(r, "experts", c->experts ? json_incref(c->experts) : json_array());
+        json_object_set_new(r, "prompt_tokens", json_integer(c->prompt_tokens));
+        json_object_set_new(r, "generated_tokens", json_integer(c->generated_tokens));
+        json_object_set_new(r, "queue_ms", json_real(c->queue_ms));
+        json_object_set_new(r, "ttft_ms", json_real(c->ttft_ms));
+        json_object_set_new(r, "total_ms", json_real(ms));
+        char err[512];
+        if (mm_audit_write(g->o.audit, r, err, sizeof err) != MM_OK)
+            mm_logf(g->o.log, MM_LOG_ERROR, c->client_case_id, "%s", err);
+        json_decref(r);
+    }
+    if (s_is_case_method(c->method))
+        mm_metric_add(g->cm.cases, 1, *tenant ? tenant : "-", s_code_name(c->code));
+    if (g->o.log_calls) {
+        const char *cid = c->client_case_id && *c->client_case_id ? c->client_case_id : NULL;
+        mm_logf(g->o.log, c->code == GRPC_STATUS_OK ? MM_LOG_INFO : MM_LOG_WARN, cid,
+                "grpc %s tenant=%s case=%s status=%s%s %.1f ms", s_method_name[c->method],
+                *tenant ? tenant : "-", cid ? cid : "-", s_code_name(c->code),
+                c->aborted && c->code != GRPC_STATUS_OK ? " (client gone)" : "", ms);
+    }
+    if (c->admitted)
+        mm_tenants_release(g->o.tenants, c->tenant);
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        g->calls = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    g->n_calls--;
+    if (c->call)
+        grpc_call_unref(c->call);
+    grpc_metadata_array_destroy(&c->md);
+    if (c->has_details)
+        grpc_call_details_destroy(&c->details);
+    if (c->has_slice)
+        grpc_slice_unref(c->status_slice);
+    if (c->reply)
+        grpc_byte_buffer_destroy(c->reply);
+    if (c->sending)
+        grpc_byte_buffer_destroy(c->sending);
+    json_decref(c->experts);
+    free(c->client_case_id);
+    free(c->acc);
+    free(c->acc_tok);
+    free(c);
+}
+
+/* Free once nothing refers to the call any more: no batch in flight, not in
+ * the scheduler, and its status sent (or the client gone). */
+static void s_call_maybe_free(s_call *c) {
+    if (c->ops == 0 && !c->in_sched && (c->status_started || c->aborted))
+        s_call_free(c);
+}
+
+/* ---- sending ---------------------------------------------------------------- */
+
+static grpc_byte_buffer *s_pack(const ProtobufCMessage *m) {
+    size_t n = protobuf_c_message_get_packed_size(m);
+    grpc_slice s = grpc_slice_malloc(n);
+    protobuf_c_message_pack(m, GRPC_SLICE_START_PTR(s));
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
+    grpc_slice_unref(s);
+    return bb;
+}
+
+/* Whole message bytes of a received buffer (NULL on failure; free()). */
+static uint8_t *s_read_all(grpc_byte_buffer *bb, size_t *len) {
+    grpc_byte_buffer_reader r;
+    if (!grpc_byte_buffer_reader_init(&r, bb))
+        return NULL;
+    grpc_slice s = grpc_byte_buffer_reader_readall(&r);
+    grpc_byte_buffer_reader_destroy(&r);
+    *len = GRPC_SLICE_LENGTH(s);
+    uint8_t *p = malloc(*len ? *len : 1);
+    if (p)
+        memcpy(p, GRPC_SLICE_START_PTR(s), *len);
+    grpc_slice_unref(s);
+    return p;
+}
+
+/* Start the next batch this call can send: pieces of a stream, or the final
+ * message with the status. One batch in flight at a time. */
+static void s_flush(s_call *c) {
+    if (c->send_busy || c->aborted || c->status_started)
+        return;
+    grpc_op ops[3];
+    memset(ops, 0, sizeof ops);
+    size_t n = 0;
+    grpc_byte_buffer *msg = NULL;
+    int with_status = 0;
+    if (c->method == M_STREAM && (c->acc_len || c->acc_n) &&
+        (!c->status_set || c->code == GRPC_STATUS_OK)) {
+        Medmoe__V1__AnswerChunk ch = MEDMOE__V1__ANSWER_CHUNK__INIT;
+        c->acc = c->acc ? c->acc : calloc(1, 1);
+        if (!c->acc)
+            return;
+        c->acc[c->acc_len] = 0; /* acc_cap keeps a byte for this */
+        ch.text = c->acc;
+        ch.tokens = c->acc_tok;
+        ch.n_tokens = c->acc_n;
+        msg = s_pack(&ch.base);
+        c->acc_len = c->acc_n = 0;
+    } else if (c->status_set) {
+        if (c->code == GRPC_STATUS_OK && c->reply) {
+            msg = c->reply;
+            c->reply = NULL;
+        }
+        with_status = 1;
+    } else {
+        return;
+    }
+    if (!c->md_sent) {
+        ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
+        n++;
+    }
+    if (msg) {
+        ops[n].op = GRPC_OP_SEND_MESSAGE;
+        ops[n].data.send_message.send_message = msg;
+        n++;
+    }
+    if (with_status) {
+        c->status_slice = grpc_slice_from_copied_string(c->msg);
+        c->has_slice = 1;
+        ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+        ops[n].data.send_status_from_server.status = c->code;
+        ops[n].data.send_status_from_server.status_details = &c->status_slice;
+        n++;
+    }
+    grpc_call_error e = grpc_call_start_batch(c->call, ops, n, &c->t_send, NULL);
+    if (e != GRPC_CALL_OK) {
+        mm_logf(c->g->o.log, MM_LOG_ERROR, c->client_case_id, "grpc_call_start_batch (%s): error %d",
+                s_method_name[c->method], (int)e);
+        if (msg)
+            grpc_byte_buffer_destroy(msg);
+        c->aborted = 1;
+        return;
+    }
+    c->md_sent = 1;
+    c->sending = msg;
+    c->send_busy = 1;
+    c->ops++;
+    if (with_status)
+        c->status_started = 1;
+}
+
+/* Decide the call's status (the first decision wins) and send what can go. */
+static void s_finish(s_call *c, grpc_status_code code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void s_finish(s_call *c, grpc_status_code code, const char *fmt, ...) {
+    if (c->status_set)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(c->msg, sizeof c->msg, fmt, ap);
+    va_end(ap);
+    c->code = code;
+    c->status_set = 1;
+    s_flush(c);
+}
+
+/* ---- results -> messages ---------------------------------------------------- */
+
+static double s_num(json_t *o, const char *k) {
+    json_t *v = json_object_get(o, k);
+    return json_is_number(v) ? json_number_value(v) : 0.0;
+}
+
+/* LayerRouting[] from the result's expert_summary (arrays freed by s_routing_free). */
+static Medmoe__V1__LayerRouting **s_routing(json_t *summary, size_t *n) {
+    *n = json_array_size(summary);
+    if (!*n)
+        return NULL;
+    Medmoe__V1__LayerRouting **v = calloc(*n, sizeof *v);
+    if (!v) {
+        *n = 0;
+        return NULL;
+    }
+    for (size_t i = 0; i < *n; i++) {
+        json_t *l = json_array_get(summary, i);
+        Medmoe__V1__LayerRouting *r = calloc(1, sizeof *r);
+        if (!r)
+            continue;
+        medmoe__v1__layer_routing__init(r);
+        r->layer = (uint32_t)json_integer_value(json_object_get(l, "layer"));
+        json_t *ic = json_object_get(l, "image_tokens_per_expert");
+        json_t *tc = json_object_get(l, "text_tokens_per_expert");
+        r->image_tokens_per_expert = calloc(json_array_size(ic) + 1, sizeof(uint32_t));
+        r->text_tokens_per_expert = calloc(json_array_size(tc) + 1, sizeof(uint32_t));
+        if (r->image_tokens_per_expert) {
+            r->n_image_tokens_per_expert = json_array_size(ic);
+            for (size_t e = 0; e < r->n_image_tokens_per_expert; e++)
+                r->image_tokens_per_expert[e] = (uint32_t)json_integer_value(json_array_get(ic, e));
+        }
+        if (r->text_tokens_per_expert) {
+            r->n_text_tokens_per_expert = json_array_size(tc);
+            for (size_t e = 0; e < r->n_text_tokens_per_expert; e++)
+                r->text_tokens_per_expert[e] = (uint32_t)json_integer_value(json_array_get(tc, e));
+        }
+        v[i] = r;
+    }
+    /* drop layers whose allocation failed (keeps the array dense) */
+    size_t k = 0;
+    for (size_t i = 0; i < *n; i++)
+        if (v[i])
+            v[k++] = v[i];
+    *n = k;
+    return v;
+}
+
+static void s_routing_free(Medmoe__V1__LayerRouting **v, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        free(v[i]->image_tokens_per_expert);
+        free(v[i]->text_tokens_per_expert);
+        free(v[i]);
+    }
+    free(v);
+}
+
+/* Timings of a result; the scheduler measures from submission, the client
+ * from arrival: add what parsing and validation took. */
+static void s_timings(s_call *c, json_t *res, double t_submit, Medmoe__V1__Timings *t) {
+    double pre = t_submit - c->t_arrival;
+    t->queue_ms = s_num(res, "queue_ms") + pre;
+    t->vision_ms = s_num(res, "vision_ms");
+    t->ttft_ms = s_num(res, "ttft_ms") > 0 ? s_num(res, "ttft_ms") + pre : 0.0;
+    t->total_ms = mm_now_ms() - c->t_arrival;
+    t->decode_ms_per_token = s_num(res, "decode_ms_per_token");
+    c->queue_ms = t->queue_ms;
+    c->ttft_ms = t->ttft_ms;
+}
+
+/* The CaseAnswer of a result, packed (for Ask, or inside the final chunk). */
+static grpc_byte_buffer *s_answer(s_call *c, json_t *res, double t_submit) {
+    Medmoe__V1__CaseAnswer a = MEDMOE__V1__CASE_ANSWER__INIT;
+    Medmoe__V1__Timings t = MEDMOE__V1__TIMINGS__INIT;
+    json_t *toks = json_object_get(res, "tokens");
+    size_t nt = json_array_size(toks);
+    int32_t *tv = calloc(nt + 1, sizeof *tv);
+    if (!tv)
+        return NULL;
+    for (size_t i = 0; i < nt; i++)
+        tv[i] = (int32_t)json_integer_value(json_array_get(toks, i));
+    a.case_id = c->client_case_id ? c->client_case_id : "";
+    a.answer = (char *)(json_string_value(json_object_get(res, "answer"))
+                            ? json_string_value(json_object_get(res, "answer"))
+                            : "");
+    a.tokens = tv;
+    a.n_tokens = nt;
+    a.prompt_tokens = (uint32_t)json_integer_value(json_object_get(res, "prompt_len"));
+    a.generated_tokens = (uint32_t)nt;
+    a.routing = s_routing(json_object_get(res, "expert_summary"), &a.n_routing);
+    s_timings(c, res, t_submit, &t);
+    a.timings = &t;
+    /* the scheduler keeps the EOS token in tokens; without a known EOS id,
+     * stopping short of max_tokens can only have been EOS */
+    int eos =
+        c->g->o.eos_token >= 0 ? nt && tv[nt - 1] == c->g->o.eos_token : (int)nt < c->max_tokens;
+    a.finish_reason = eos ? "eos" : "max_tokens";
+    c->prompt_tokens = a.prompt_tokens;
+    c->generated_tokens = a.generated_tokens;
+    grpc_byte_buffer *bb;
+    if (c->method == M_STREAM) {
+        Medmoe__V1__AnswerChunk ch = MEDMOE__V1__ANSWER_CHUNK__INIT;
+        ch.text = "";
+        ch.final = &a;
+        bb = s_pack(&ch.base);
+    } else {
+        bb = s_pack(&a.base);
+    }
+    s_routing_free(a.routing, a.n_routing);
+    free(tv);
+    return bb;
+}
+
+static grpc_byte_buffer *s_classified(s_call *c, json_t *res, double t_submit) {
+    Medmoe__V1__ClassifyResult r = MEDMOE__V1__CLASSIFY_RESULT__INIT;
+    Medmoe__V1__Timings t = MEDMOE__V1__TIMINGS__INIT;
+    json_t *cands = json_object_get(res, "candidates");
+    size_t n = json_array_size(cands);
+    Medmoe__V1__ScoredCandidate *sv = calloc(n + 1, sizeof *sv);
+    Medmoe__V1__ScoredCandidate **sp = calloc(n + 1, sizeof *sp);
+    grpc_byte_buffer *bb = NULL;
+    if (sv && sp) {
+        for (size_t i = 0; i < n; i++) {
+            json_t *x = json_array_get(cands, i);
+            medmoe__v1__scored_candidate__init(&sv[i]);
+            const char *text = json_string_value(json_object_get(x, "text"));
+            sv[i].text = (char *)(text ? text : "");
+            sv[i].logprob = s_num(x, "logprob");
+            sv[i].prob = s_num(x, "prob");
+            sp[i] = &sv[i];
+        }
+        r.case_id = c->client_case_id ? c->client_case_id : "";
+        r.candidates = sp;
+        r.n_candidates = n;
+        r.routing = s_routing(json_object_get(res, "expert_summary"), &r.n_routing);
+        s_timings(c, res, t_submit, &t);
+        r.timings = &t;
+        c->prompt_tokens = (unsigned)json_integer_value(json_object_get(res, "prompt_len"));
+        c->generated_tokens = (unsigned)json_array_size(json_object_get(res, "tokens"));
+        bb = s_pack(&r.base);
+        s_routing_free(r.routing, r.n_routing);
+    }
+    free(sv);
+    free(sp);
+    return bb;
+}
+
+/* ---- scheduler callbacks ------------------------------------------------------ */
+
+static void s_on_token(void *user, uint64_t case_id, const char *piece, size_t len, int32_t token) {
+    s_call *c = user;
+    (void)case_id;
+    if (token >= 0) { /* timing of every case method (pieces: -1, not a token) */
+        double now = mm_now_ms();
+        if (c->t_last_token > 0)
+            mm_metric_observe(c->g->cm.token_latency, (now - c->t_last_token) / 1e3);
+        else
+            mm_metric_observe(c->g->cm.ttft, (now - c->t_arrival) / 1e3);
+        c->t_last_token = now;
+    }
+    if (c->method != M_STREAM || c->aborted)
+        return;
+    if (len) {
+        if (c->acc_len + len + 1 > c->acc_cap) {
+            size_t cap = c->acc_cap ? c->acc_cap : 256;
+            while (cap < c->acc_len + len + 1)
+                cap *= 2;
+            char *nb = realloc(c->acc, cap);
+            if (!nb)
+                return; /* the final chunk still carries the whole answer */
+            c->acc = nb;
+            c->acc_cap = cap;
+        }
+        memcpy(c->acc + c->acc_len, piece, len);
+        c->acc_len += len;
+    }
+    if (token >= 0) {
+        if (c->acc_n == c->acc_tcap) {
+            size_t cap = c->acc_tcap ? 2 * c->acc_tcap : 16;
+            int32_t *nt = realloc(c->acc_tok, cap * sizeof *nt);
+            if (!nt)
+                return;
+            c->acc_tok = nt;
+            c->acc_tcap = cap;
+        }
+        c->acc_tok[c->acc_n++] = token;
+    }
+    /* sent from mm_grpc_server_poll: see there */
+}
+
+static void s_on_done(void *user, uint64_t case_id, int status, const char *message,
+                      json_t *result) {
+    s_call *c = user;
+    (void)case_id;
+    c->in_sched = 0;
+    double t_submit = c->t_submit;
+    if (status == MM_OK && result) {
+        json_decref(c->experts);
+        c->experts = json_incref(json_object_get(result, "expert_summary"));
+        grpc_byte_buffer *bb = c->method == M_CLASSIFY ? s_classified(c, result, t_submit)
+                                                       : s_answer(c, result, t_submit);
+        if (!bb) {
+            s_finish(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "server out of memory packing the answer");
+        } else {
+            c->reply = bb;
+            s_finish(c, GRPC_STATUS_OK, "%s", "");
+        }
+    } else {
+        int past = c->deadline_ms > 0 && mm_now_ms() >= c->deadline_ms - 1.0;
+        grpc_status_code code = GRPC_STATUS_INTERNAL;
+        if (status == MM_ETIMEOUT)
+            code = past || !strcmp(message, "deadline exceeded") ? GRPC_STATUS_DEADLINE_EXCEEDED
+                                                                 : GRPC_STATUS_UNAVAILABLE;
+        else if (status == MM_ERR && !strcmp(message, "cancelled"))
+            code = past ? GRPC_STATUS_DEADLINE_EXCEEDED : GRPC_STATUS_CANCELLED;
+        else if (status == MM_EAGAIN || status == MM_ENOTFOUND || status == MM_EIO ||
+                 (message && strstr(message, "shutting down")))
+            code = GRPC_STATUS_UNAVAILABLE;
+        else if (status == MM_EINVAL)
+            code = GRPC_STATUS_INVALID_ARGUMENT;
+        else if (status == MM_ENOMEM)
+            code = GRPC_STATUS_RESOURCE_EXHAUSTED;
+        s_finish(c, code, "%s", message && *message ? message : mm_status_str(status));
+    }
+    s_call_maybe_free(c);
+}
+
+/* ---- arrival, admission, validation --------------------------------------------- */
+
+/* The API key from `authorization: Bearer KEY` (pointer into md), or NULL. */
+static const char *s_bearer(const grpc_metadata_array *md, size_t *len) {
+    for (size_t i = 0; i < md->count; i++) {
+        if (grpc_slice_str_cmp(md->metadata[i].key, "authorization"))
+            continue;
+        const char *v = (const char *)GRPC_SLICE_START_PTR(md->metadata[i].value);
+        size_t n = GRPC_SLICE_LENGTH(md->metadata[i].value);
+        if (n > 7 && !strncasecmp(v, "bearer ", 7)) {
+            v += 7;
+            n -= 7;
+            while (n && *v == ' ')
+                v++, n--;
+            while (n && v[n - 1] == ' ')
+                n--;
+            *len = n;
+            return n ? v : NULL;
+        }
+    }
+    return NULL;
+}
+
+static int s_authenticate(s_call *c) {
+    size_t len = 0;
+    const char *key = s_bearer(&c->md, &len);
+    if (!key) {
+        s_finish(c, GRPC_STATUS_UNAUTHENTICATED,
+                 "no API key: send metadata 'authorization: Bearer <key>'");
+        return -1;
+    }
+    c->tenant = mm_tenants_auth(c->g->o.tenants, key, len);
+    if (c->tenant < 0) {
+        s_finish(c, GRPC_STATUS_UNAUTHENTICATED, "unknown API key");
+        return -1;
+    }
+    return 0;
+}
+
+static int s_utf8_ok(const char *s) {
+    const unsigned char *p = (const unsigned char *)s;
+    while (*p) {
+        unsigned c = *p++;
+        int n = c < 0x80 ? 0 : (c >> 5) == 6 ? 1 : (c >> 4) == 14 ? 2 : (c >> 3) == 30 ? 3 : -1;
+        if (n < 0 || (n == 1 && c < 0xc2))
+            return 0;
+        for (int i = 0; i < n; i++)
+            if ((*p++ & 0xc0) != 0x80)
+                return 0;
+    }
+    return 1;
+}
+
+/* Checks the front door does before the scheduler: sizes and shapes the
+ * client can fix. Returns 0 or sets INVALID_ARGUMENT. */
+static int s_check_common(s_call *c, const char *case_id, const Medmoe__V1__Image *img,
+                          const char *question) {
+    const mm_grpc_options *o = &c->g->o;
+    if (case_id && strlen(case_id) > 256) {
+        s_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "case_id: %zu bytes, over the limit of 256",
+                 strlen(case_id));
+        return -1;
+    }
+    if (!question || !*question) {
+        s_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "question: empty");
+        return -1;
+    }
+    if (strlen(question) > o->max_question_bytes) {
+        s_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "question: %zu bytes, over the limit of %zu",
+                 strlen(question), o->max_question_bytes);
+        return -1;
+    }
+    if (!s_utf8_ok(question)) {
+        s_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "question: not valid UTF-8");
+        return -1;
+    }
+    if (img) {
+        size_t n = img->data.len;
+        const uint8_t *d = img->data.data;
+        const char *mt = img->media_type ? img->media_type : "";
+        if (n == 0) {
+            s_finish(c, GRPC_STATUS_INVALID_ARGUMENT,
+                     "image.data: empty (leave image unset for a text-only question)");
+            return -1;
+        }
+        if (n > o->max_image_bytes) {
+            s_finish(c, GRPC_STATUS_INVALID_ARGUMENT,
+                     "image.data: %zu bytes, over the limit of %zu", n, o->max_image_bytes);
+            return -1;
+        }
+        if (*mt && strcmp(mt, "image/png") && strcmp(mt, "image/jpeg")) {
+            s_finish(c, GRPC_STATUS_INVALID_ARGUMENT,
+                     "image.media_type: '%.64s' is not supported (image/png, image/jpeg, or "
+                     "empty to detect)",
+                     mt);
+            return -1;
+        }
+        int png = n >= 8 && !memcmp(d, "\x89PNG\r\n\x1a\n", 8);
+        int jpeg = n >= 3 && d[0] == 0xff && d[1] == 0xd8 && d[2] == 0xff;
+        if (!*mt && !png && !jpeg) {
+            s_finish(c, GRPC_STATUS_INVALID_ARGUMENT,
+                     "image.data: neither PNG nor JPEG (first bytes %02x %02x %02x %02x) and no "
+                     "media_type",
+                     d[0], n > 1 ? d[1] : 0, n > 2 ? d[2] : 0, n > 3 ? d[3] : 0);
+            return -1;
+        }
+        if ((!strcmp(mt, "image/png") && !png) || (!strcmp(mt, "image/jpeg") && !jpeg)) {
+            s_finish(c, GRPC_STATUS_INVALID_ARGUMENT,
+                     "image.data: does not start like %s (the media_type says so)", mt);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Parse, check, admit and submit a case call (Ask, AskStream, Classify). */
+static void s_case_call(s_call *c, grpc_byte_buffer *payload) {
+    mm_grpc_server *g = c->g;
+    const mm_grpc_options *o = &g->o;
+    if (s_authenticate(c))
+        return;
+    size_t len = 0;
+    uint8_t *bytes = payload ? s_read_all(payload, &len) : NULL;
+    if (!bytes) {
+        s_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "request: no message");
+        return;
+    }
+    Medmoe__V1__CaseRequest *q = NULL;
+    Medmoe__V1__ClassifyRequest *k = NULL;
+    char *cands = NULL;
+    if (c->method == M_CLASSIFY)
+        k = medmoe__v1__classify_request__unpack(NULL, len, bytes);
+    else
+        q = medmoe__v1__case_request__unpack(NULL, len, bytes);
+    free(bytes);
+    if (!q && !k) {
+        s_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "request: malformed %s (%zu bytes)",
+                 c->method == M_CLASSIFY ? "ClassifyRequest" : "CaseRequest", len);
+        return;
+    }
+    const char *case_id = q ? q->case_id : k->case_id;
+    if (case_id && strlen(case_id) <= 256)
+        c->client_case_id = strdup(case_id);
+    char err[1024] = "";
+    if (mm_tenants_admit(o->tenants, c->tenant, mm_now_ms(), err, sizeof err) != MM_OK) {
+        s_finish(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "%s", err);
+        goto out;
+    }
+    c->admitted = 1;
+    const Medmoe__V1__Image *img = q ? q->image : k->image;
+    if (s_check_common(c, case_id, img, q ? q->question : k->question))
+        goto out;
+
+    mm_sched_request r;
+    mm_sched_request_default(&r);
+    r.tenant = mm_tenants_id(o->tenants, c->tenant);
+    r.client_case_id = c->client_case_id;
+    if (img) {
+        r.image_bytes = img->data.data;
+        r.image_len = img->data.len;
+        r.media_type = img->media_type && *img->media_type ? img->media_type : NULL;
+    }
+    r.question = q ? q->question : k->question;
+    const char *conv = q ? q->conv_mode : k->conv_mode;
+    r.conv_mode = conv && *conv ? conv : NULL;
+    if (q) {
+        const Medmoe__V1__GenerationOptions *go = q->options;
+        r.max_tokens = o->max_tokens_default;
+        if (go) {
+            if (go->max_tokens > (uint32_t)o->max_tokens_limit) {
+                s_finish(c, GRPC_STATUS_INVALID_ARGUMENT,
+                         "options.max_tokens: %u, over the limit of %d", go->max_tokens,
+                         o->max_tokens_limit);
+                goto out;
+            }
+            if (go->max_tokens)
+                r.max_tokens = (int)go->max_tokens;
+            if (!isfinite(go->temperature) || go->temperature < 0 || go->temperature > 100) {
+                s_finish(c, GRPC_STATUS_INVALID_ARGUMENT,
+                         "options.temperature: %g, want 0 (greedy) .. 100", go->temperature);
+                goto out;
+            }
+            if (!isfinite(go->top_p) || go->top_p < 0 || go->top_p > 1) {
+                s_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "options.top_p: %g, want 0 .. 1",
+                         go->top_p);
+                goto out;
+            }
+            r.temperature = go->temperature;
+            r.top_p = go->top_p > 0 ? go->top_p : 1.0f;
+            r.seed = go->seed;
+        }
+    } else {
+        if (k->n_candidates == 0) {
+            s_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "candidates: none (want at least one)");
+            goto out;
+        }
+        if (k->n_candidates > o->max_candidates) {
+            s_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "candidates: %zu, over the limit of %zu",
+                     k->n_candidates, o->max_candidates);
+            goto out;
+        }
+        size_t total = 0;
+        for (size_t i = 0; i < k->n_candidates; i++) {
+            const char *t = k->candidates[i];
+            if (!t || !*t) {
+                s_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "candidates[%zu]: empty", i);
+                goto out;
+            }
+            /* the scheduler takes them as one "a,b,c" list */
+            if (strchr(t, ',')) {
+                s_finish(c, GRPC_STATUS_INVALID_ARGUMENT,
+                         "candidates[%zu]: contains ',' (not supported)", i);
+                goto out;
+            }
+            if (strlen(t) > o->max_question_bytes || !s_utf8_ok(t)) {
+                s_finish(c, GRPC_STATUS_INVALID_ARGUMENT,
+                         "candidates[%zu]: over %zu bytes or not valid UTF-8", i,
+                         o->max_question_bytes);
+                goto out;
+            }
+            total += strlen(t) + 1;
+        }
+        cands = malloc(total);
+        if (!cands) {
+            s_finish(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "server out of memory");
+            goto out;
+        }
+        char *p = cands;
+        for (size_t i = 0; i < k->n_candidates; i++) {
+            size_t l = strlen(k->candidates[i]);
+            memcpy(p, k->candidates[i], l);
+            p[l] = i + 1 < k->n_candidates ? ',' : 0;
+            p += l + 1;
+        }
+        r.candidates = cands;
+        r.max_tokens = 0;
+    }
+    c->max_tokens = r.max_tokens;
+    r.deadline_ms = c->deadline_ms;
+    r.on_token = s_on_token; /* every method: token timing; only streams send pieces */
+    r.on_done = s_on_done;
+    r.user = c;
+    c->t_submit = mm_now_ms();
+    int rc = mm_sched_submit(o->sched, &r, &c->sched_id, err, sizeof err);
+    if (rc == MM_OK) {
+        c->in_sched = 1;
+    } else if (rc == MM_EINVAL) {
+        s_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "%s", err);
+    } else if (rc == MM_ETIMEOUT) {
+        s_finish(c, GRPC_STATUS_DEADLINE_EXCEEDED, "%s", err);
+    } else if (rc == MM_EAGAIN || rc == MM_ENOMEM) {
+        s_finish(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "server busy: %s", err);
+    } else {
+        s_finish(c, GRPC_STATUS_INTERNAL, "%s: %s", mm_status_str(rc), err);
+    }
+out:
+    free(cands);
+    if (q)
+        medmoe__v1__case_request__free_unpacked(q, NULL);
+    if (k)
+        medmoe__v1__classify_request__free_unpacked(k, NULL);
+}
+
+static int s_live(const mm_grpc_server *g, int e) {
+    return g->o.live_replicas ? g->o.live_replicas(g->o.live_ctx, e) : 1;
+}
+
+static void s_info_call(s_call *c) {
+    mm_grpc_server *g = c->g;
+    if (s_authenticate(c))
+        return;
+    const mm_config *cfg = mm_model_config(g->o.model);
+    int n = g->o.n_experts > 0 ? g->o.n_experts : 0;
+    Medmoe__V1__ServerInfo si = MEDMOE__V1__SERVER_INFO__INIT;
+    Medmoe__V1__ExpertInfo *ev = calloc((size_t)n + 1, sizeof *ev);
+    Medmoe__V1__ExpertInfo **ep = calloc((size_t)n + 1, sizeof *ep);
+    if (!ev || !ep) {
+        free(ev);
+        free(ep);
+        s_finish(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "server out of memory");
+        return;
+    }
+    for (int e = 0; e < n; e++) {
+        medmoe__v1__expert_info__init(&ev[e]);
+        ev[e].expert = (uint32_t)e;
+        ev[e].name = (char *)(e < cfg->n_expert_names ? cfg->expert_names[e] : "");
+        ev[e].live_replicas = (uint32_t)s_live(g, e);
+        ep[e] = &ev[e];
+    }
+    si.version = (char *)g->o.version;
+    si.model = (char *)mm_model_variant(g->o.model);
+    si.backbone = (char *)mm_arch_name(cfg->arch);
+    si.backend = (char *)mm_backend_describe(mm_model_backend(g->o.model));
+    si.experts = ep;
+    si.n_experts = (size_t)n;
+    si.max_concurrent_cases = (uint32_t)mm_model_n_slots(g->o.model);
+    c->reply = s_pack(&si.base);
+    free(ev);
+    free(ep);
+    s_finish(c, GRPC_STATUS_OK, "%s", "");
+}
+
+/* grpc.health.v1.Health/Check: no API key (load balancers and probes have
+ * none). SERVING while every expert has a live replica. */
+static void s_health_call(s_call *c, grpc_byte_buffer *payload) {
+    size_t len = 0;
+    uint8_t *bytes = payload ? s_read_all(payload, &len) : NULL;
+    Grpc__Health__V1__HealthCheckRequest *q =
+        bytes ? grpc__health__v1__health_check_request__unpack(NULL, len, bytes) : NULL;
+    free(bytes);
+    if (!q) {
+        s_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "request: malformed HealthCheckRequest");
+        return;
+    }
+    const char *svc = q->service ? q->service : "";
+    if (*svc && strcmp(svc, "medmoe.v1.CaseService")) {
+        s_finish(c, GRPC_STATUS_NOT_FOUND, "unknown service '%.100s'", svc);
+    } else {
+        int all = 1;
+        for (int e = 0; e < c->g->o.n_experts; e++)
+            all &= s_live(c->g, e) > 0;
+        Grpc__Health__V1__HealthCheckResponse r = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
+        r.status = all && !c->g->draining
+                       ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
+                       : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
+        c->reply = s_pack(&r.base);
+        s_finish(c, GRPC_STATUS_OK, "%s", "");
+    }
+    grpc__health__v1__health_check_request__free_unpacked(q, NULL);
+}
+
+/* ---- events ----------------------------------------------------------------------- */
+
+static void s_arm(s_listener *l) {
+    mm_grpc_server *g = l->g;
+    if (g->shutting_down)
+        return;
+    l->call = NULL;
+    l->payload = NULL;
+    grpc_metadata_array_init(&l->md);
+    grpc_call_error e;
+    if (l->rm) {
+        e = grpc_server_request_registered_call(g->server, l->rm, &l->call, &l->deadline, &l->md,
+                                                l->method == M_INFO ? NULL : &l->payload, g->cq,
+                                                g->cq, &l->tag);
+    } else {
+        grpc_call_details_init(&l->details);
+        e = grpc_server_request_call(g->server, &l->call, &l->details, &l->md, g->cq, g->cq,
+                                     &l->tag);
+    }
+    if (e != GRPC_CALL_OK)
+        mm_logf(g->o.log, MM_LOG_ERROR, NULL, "grpc request call (%s): error %d",
+                s_method_name[l->method], (int)e);
+}
+
+static void s_on_new(s_listener *l, int ok) {
+    mm_grpc_server *g = l->g;
+    if (!ok) { /* shutting down: the request is void */
+        grpc_metadata_array_destroy(&l->md);
+        if (!l->rm)
+            grpc_call_details_destroy(&l->details);
+        if (l->payload)
+            grpc_byte_buffer_destroy(l->payload);
+        return;
+    }
+    s_call *c = calloc(1, sizeof *c);
+    grpc_byte_buffer *payload = l->payload;
+    if (!c) {
+        /* cannot even hold the call: refuse it */
+        grpc_call_cancel_with_status(l->call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory",
+                                     NULL);
+        grpc_call_unref(l->call);
+        grpc_metadata_array_destroy(&l->md);
+        if (!l->rm)
+            grpc_call_details_destroy(&l->details);
+        if (payload)
+            grpc_byte_buffer_destroy(payload);
+        s_arm(l);
+        return;
+    }
+    c->g = g;
+    c->method = l->method;
+    c->call = l->call;
+    c->md = l->md; /* ownership moves to the call */
+    c->tenant = -1;
+    c->t_arrival = mm_now_ms();
+    gpr_timespec dl = l->deadline;
+    if (!l->rm) {
+        c->details = l->details;
+        c->has_details = 1;
+        dl = l->details.deadline;
+    }
+    if (gpr_time_cmp(dl, gpr_inf_future(dl.clock_type)) != 0) {
+        gpr_timespec mono = gpr_convert_clock_type(dl, GPR_CLOCK_MONOTONIC);
+        gpr_timespec left = gpr_time_sub(mono, gpr_now(GPR_CLOCK_MONOTONIC));
+        c->deadline_ms = c->t_arrival + (double)gpr_timespec_to_micros(left) / 1000.0;
+    }
+    c->t_close = (s_tag){T_CLOSE, c};
+    c->t_send = (s_tag){T_SEND, c};
+    c->next = g->calls;
+    if (g->calls)
+        g->calls->prev = c;
+    g->calls = c;
+    g->n_calls++;
+    s_arm(l); /* the next call of this method may arrive now */
+
+    /* learn at once when the client cancels or goes away */
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+    op.data.recv_close_on_server.cancelled = &c->recv_cancelled;
+    if (grpc_call_start_batch(c->call, &op, 1, &c->t_close, NULL) == GRPC_CALL_OK)
+        c->ops++;
+    else
+        c->aborted = 1;
+
+    if (g->draining && c->method != M_HEALTH) {
+        s_finish(c, GRPC_STATUS_UNAVAILABLE, "shutting down");
+    } else
+        switch (c->method) {
+        case M_ASK:
+        case M_STREAM:
+        case M_CLASSIFY: s_case_call(c, payload); break;
+        case M_INFO: s_info_call(c); break;
+        case M_HEALTH: s_health_call(c, payload); break;
+        default: {
+            char path[256];
+            size_t n = GRPC_SLICE_LENGTH(c->details.method);
+            snprintf(path, sizeof path, "%.*s", (int)(n < 200 ? n : 200),
+                     (const char *)GRPC_SLICE_START_PTR(c->details.method));
+            s_finish(c, GRPC_STATUS_UNIMPLEMENTED, "method %s is not served here", path);
+        }
+        }
+    if (payload)
+        grpc_byte_buffer_destroy(payload);
+    s_call_maybe_free(c);
+}
+
+static void s_on_close(s_call *c) {
+    if (c->recv_cancelled && !c->status_started) {
+        c->aborted = 1;
+        if (c->in_sched) /* frees the slot now; on_done runs inside */
+            mm_sched_cancel(c->g->o.sched, c->sched_id);
+        s_finish(c,
+                 c->deadline_ms > 0 && mm_now_ms() >= c->deadline_ms - 1.0
+                     ? GRPC_STATUS_DEADLINE_EXCEEDED
+                     : GRPC_STATUS_CANCELLED,
+                 "client cancelled");
+    }
+    c->ops--;
+    s_call_maybe_free(c);
+}
+
+static void s_on_send(s_call *c, int ok) {
+    c->send_busy = 0;
+    if (c->sending) {
+        grpc_byte_buffer_destroy(c->sending);
+        c->sending = NULL;
+    }
+    if (!ok && !c->aborted) { /* the stream broke under us: the client is gone */
+        c->aborted = 1;
+        if (c->in_sched)
+            mm_sched_cancel(c->g->o.sched, c->sched_id);
+        s_finish(c, GRPC_STATUS_CANCELLED, "send failed: client gone");
+    }
+    s_flush(c);
+    c->ops--;
+    s_call_maybe_free(c);
+}
+
+static void s_event(mm_grpc_server *g, grpc_event ev) {
+    s_tag *t = ev.tag;
+    switch (t->kind) {
+    case T_NEW: s_on_new(t->obj, ev.success); break;
+    case T_CLOSE: s_on_close(t->obj); break;
+    case T_SEND: s_on_send(t->obj, ev.success); break;
+    case T_SHUTDOWN: g->shutdown_done = 1; break;
+    }
+}
+
+int mm_grpc_server_poll(mm_grpc_server *g, int timeout_ms) {
+    int n = 0;
+    /* stream pieces the last step produced go out here, one message per
+     * call for the whole step, rather than from inside its callbacks */
+    for (s_call *c = g->calls, *next; c; c = next) {
+        next = c->next;
+        if (c->acc_len || c->acc_n)
+            s_flush(c);
+    }
+    gpr_timespec dl = timeout_ms > 0 ? gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                                    gpr_time_from_millis(timeout_ms, GPR_TIMESPAN))
+                                     : gpr_time_0(GPR_CLOCK_MONOTONIC);
+    while (n < 512) {
+        grpc_event ev = grpc_completion_queue_next(g->cq, dl, NULL);
+        if (ev.type != GRPC_OP_COMPLETE)
+            break;
+        s_event(g, ev);
+        n++;
+        dl = gpr_time_0(GPR_CLOCK_MONOTONIC);
+    }
+    return n;
+}
+
+size_t mm_grpc_server_calls(const mm_grpc_server *g) { return g->n_calls; }
+
+int mm_grpc_server_port(const mm_grpc_server *g) { return g->port; }
+
+/* ---- server life ---------------------------------------------------------------- */
+
+static char *s_read_pem(const char *path, char *err, size_t errlen) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        mm_errorf(err, errlen, MM_EINVAL, "%s: %s", path, strerror(errno));
+        return NULL;
+    }
+    char *buf = malloc(1 << 20);
+    size_t n = buf ? fread(buf, 1, (1 << 20) - 1, f) : 0;
+    int big = buf && n == (1 << 20) - 1;
+    fclose(f);
+    if (!buf || n == 0 || big) {
+        mm_errorf(err, errlen, MM_EINVAL, "%s: %s", path,
+                  !buf     ? "out of memory"
+                  : n == 0 ? "empty or unreadable"
+                           : "over 1 MiB");
+        free(buf);
+        return NULL;
+    }
+    buf[n] = 0;
+    if (!strstr(buf, "-----BEGIN ")) {
+        mm_errorf(err, errlen, MM_EINVAL, "%s: not a PEM file", path);
+        free(buf);
+        return NULL;
+    }
+    return buf;
+}
+
+static grpc_server_credentials *s_credentials(const mm_grpc_options *o, char *err, size_t errlen) {
+    if (!o->tls_cert && !o->tls_key && !o->tls_client_ca)
+        return grpc_insecure_server_credentials_create();
+    if (!o->tls_cert || !o->tls_key) {
+        mm_errorf(err, errlen, MM_EINVAL,
+                  "TLS needs both --tls-cert and --tls-key (--tls-client-ca adds mTLS)");
+        return NULL;
+    }
+    char *cert = s_read_pem(o->tls_cert, err, errlen);
+    char *key = cert ? s_read_pem(o->tls_key, err, errlen) : NULL;
+    char *ca = key && o->tls_client_ca ? s_read_pem(o->tls_client_ca, err, errlen) : NULL;
+    grpc_server_credentials *cr = NULL;
+    if (cert && key && (ca || !o->tls_client_ca)) {
+        grpc_ssl_pem_key_cert_pair pair = {key, cert};
+        cr = grpc_ssl_server_credentials_create_ex(
+            ca, &pair, 1,
+            ca ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+               : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE,
+            NULL);
+        if (!cr)
+            mm_errorf(err, errlen, MM_EINVAL, "TLS credentials from %s / %s rejected", o->tls_cert,
+                      o->tls_key);
+    }
+    free(cert);
+    free(key);
+    free(ca);
+    return cr;
+}
+
+int mm_grpc_server_new(const mm_grpc_options *o, mm_grpc_server **out, char *err, size_t errlen) {
+    *out = NULL;
+    if (!o->listen || !o->sched || !o->tenants || !o->model)
+        return mm_errorf(err, errlen, MM_EINVAL,
+                         "grpc server: listen, sched, tenants and model "
+                         "are required");
+    if (o->max_message < 1024 || o->max_message > 0x7fffffff)
+        return mm_errorf(err, errlen, MM_EINVAL, "grpc server: max message %zu out of range",
+                         o->max_message);
+    mm_grpc_server *g = calloc(1, sizeof *g);
+    if (!g)
+        return mm_errorf(err, errlen, MM_ENOMEM, "grpc server: out of memory");
+    g->o = *o;
+    if (mm_router_case_metrics_init(o->metrics, &g->cm) != MM_OK) {
+        int rc = mm_errorf(err, errlen, MM_EINVAL, "grpc server metrics: %s",
+                           mm_metrics_error(o->metrics));
+        free(g);
+        return rc;
+    }
+    /* gRPC 1.51's default epoll1 engine, driven by one thread that spends
+     * most of its time in scheduler steps, stopped reading a connection
+     * while this server streamed on it: a client's RST_STREAM (cancel) and
+     * new calls on that connection waited until the stream ended. The
+     * poll() engine reads them at the next mm_grpc_server_poll. An explicit
+     * GRPC_POLL_STRATEGY in the environment still wins. */
+    setenv("GRPC_POLL_STRATEGY", "poll", 0);
+    grpc_init();
+    grpc_arg args[2];
+    memset(args, 0, sizeof args);
+    args[0].type = GRPC_ARG_INTEGER;
+    args[0].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
+    args[0].value.integer = (int)o->max_message;
+    args[1].type = GRPC_ARG_INTEGER;
+    args[1].key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
+    args[1].value.integer = -1;
+    grpc_channel_args ca = {2, args};
+    g->server = grpc_server_create(&ca, NULL);
+    g->cq = grpc_completion_queue_create_for_next(NULL);
+    grpc_server_register_completion_queue(g->server, g->cq, NULL);
+    for (int m = 0; m < M_COUNT; m++) {
+        void *rm = NULL;
+        if (m != M_UNKNOWN)
+            rm = grpc_server_register_method(
+                g->server, s_method_path[m], NULL,
+                m == M_INFO ? GRPC_SRM_PAYLOAD_NONE : GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
+        for (int i = 0; i < S_LISTENERS; i++) {
+            s_listener *l = &g->lis[m][i];
+            l->g = g;
+            l->method = m;
+            l->rm = rm;
+            l->tag = (s_tag){T_NEW, l};
+        }
+    }
+    grpc_server_credentials *cr = s_credentials(o, err, errlen);
+    int rc = MM_OK;
+    if (!cr) {
+        rc = MM_EINVAL;
+    } else {
+        g->port = grpc_server_add_http2_port(g->server, o->listen, cr);
+        grpc_server_credentials_release(cr);
+        if (g->port <= 0)
+            rc = mm_errorf(err, errlen, MM_EIO, "gRPC: cannot listen on %s", o->listen);
+    }
+    if (rc != MM_OK) {
+        /* never started: no shutdown needed beyond the queue */
+        grpc_server_destroy(g->server);
+        grpc_completion_queue_shutdown(g->cq);
+        while (grpc_completion_queue_next(g->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type !=
+               GRPC_QUEUE_SHUTDOWN) {
+        }
+        grpc_completion_queue_destroy(g->cq);
+        grpc_shutdown();
+        free(g);
+        return rc;
+    }
+    grpc_server_start(g->server);
+    for (int m = 0; m < M_COUNT; m++)
+        for (int i = 0; i < S_LISTENERS; i++)
+            s_arm(&g->lis[m][i]);
+    *out = g;
+    return MM_OK;
+}
+
+void mm_grpc_server_shutdown(mm_grpc_server *g) {
+    if (!g || g->shutting_down)
+        return;
+    /* gRPC reads new calls only while this thread polls: calls that came in
+     * during the last step are taken now and told UNAVAILABLE, rather than
+     * left to gRPC's shutdown, which would cancel them without a word */
+    g->draining = 1;
+    double until = mm_now_ms() + 200;
+    while (mm_now_ms() < until && mm_grpc_server_poll(g, 20) > 0) {
+    }
+    g->shutting_down = 1;
+    g->t_shutdown = (s_tag){T_SHUTDOWN, NULL};
+    grpc_server_shutdown_and_notify(g->server, g->cq, &g->t_shutdown);
+}
+
+void mm_grpc_server_destroy(mm_grpc_server **gp) {
+    if (!gp || !*gp)
+        return;
+    mm_grpc_server *g = *gp;
+    mm_grpc_server_shutdown(g);
+    /* statuses already started (e.g. UNAVAILABLE "shutting down") get 2 s to go out */
+    double until = mm_now_ms() + 2000;
+    while ((g->n_calls || !g->shutdown_done) && mm_now_ms() < until)
+        mm_grpc_server_poll(g, 20);
+    /* what is left: calls whose client is slow or silent */
+    for (s_call *c = g->calls; c; c = c->next)
+        if (!c->status_started)
+            s_finish(c, GRPC_STATUS_UNAVAILABLE, "shutting down");
+    grpc_server_cancel_all_calls(g->server);
+    until = mm_now_ms() + 3000;
+    while ((g->n_calls || !g->shutdown_done) && mm_now_ms() < until)
+        mm_grpc_server_poll(g, 20);
+    if (g->n_calls || !g->shutdown_done)
+        mm_logf(g->o.log, MM_LOG_WARN, NULL, "gRPC shutdown: %zu call(s) still open after 5 s",
+                g->n_calls);
+    /* calls still listed here would be leaked with their grpc_call refs; the
+     * server cannot be destroyed under them, so only finish when all went */
+    if (!g->n_calls && g->shutdown_done) {
+        grpc_server_destroy(g->server);
+        grpc_completion_queue_shutdown(g->cq);
+        while (grpc_completion_queue_next(g->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type !=
+               GRPC_QUEUE_SHUTDOWN) {
+        }
+        grpc_completion_queue_destroy(g->cq);
+        grpc_shutdown();
+    }
+    free(g);
+    *gp = NULL;
+}

@@ -1,0 +1,104 @@
+/* grpc_server.h — the front door: medmoe.v1.CaseService and grpc.health.v1
+ * over the gRPC C core, feeding the continuous-batching scheduler.
+ *
+ * Every grpc_* call of the project is in grpc_server.c (the C core API is
+ * private and changes between minor versions: a new version touches one
+ * file). The server owns a completion queue; the caller's one engine thread
+ * drives it with mm_grpc_server_poll() between mm_sched_step() calls, so the
+ * scheduler's callbacks (tokens, done) and the gRPC events run on the same
+ * thread and nothing here locks.
+ *
+ * Per call: parse (protobuf-c; malformed bytes -> INVALID_ARGUMENT), API key
+ * from `authorization: Bearer KEY` (-> UNAUTHENTICATED), tenant quotas (->
+ * RESOURCE_EXHAUSTED), validation (sizes, media type, question, options,
+ * candidates -> INVALID_ARGUMENT naming the field), then mm_sched_submit
+ * with the call's deadline. A client that cancels or disconnects has its
+ * case cancelled at once (its slot is free for the next step). AskStream
+ * sends one AnswerChunk per step's new text (pieces that pile up while a
+ * send is in flight go out together: one SEND_MESSAGE at a time), then the
+ * final chunk with the whole CaseAnswer, then the status. Each case call ends
+ * with one audit record and one log line (tenant, case id, method, status,
+ * ms); its state is freed in one place.
+ *
+ *     mm_grpc_options o;  mm_grpc_options_default(&o);
+ *     o.listen = "127.0.0.1:0";  o.sched = sched;  o.tenants = tenants;
+ *     o.model = m;  o.live_replicas = live_fn;  o.live_ctx = dispatch;
+ *     mm_grpc_server *g;
+ *     if (mm_grpc_server_new(&o, &g, err, sizeof err)) {...}
+ *     printf("port %d\n", mm_grpc_server_port(g));
+ *     while (!stop) {
+ *         int busy = mm_sched_pending(sched) + mm_sched_active(sched) > 0;
+ *         mm_grpc_server_poll(g, busy ? 0 : 10);
+ *         if (busy) mm_sched_step(sched, err, sizeof err);
+ *     }
+ *     mm_grpc_server_shutdown(g);   // stop accepting
+ *     mm_sched_destroy(&sched);     // in-flight cases end UNAVAILABLE "shutting down"
+ *     mm_grpc_server_destroy(&g);   // send those statuses, cancel the rest, free
+ */
+#ifndef MM_GRPC_SERVER_H
+#define MM_GRPC_SERVER_H
+
+#include <stddef.h>
+
+#include "audit.h"
+#include "log.h"
+#include "medmoe.h"
+#include "metrics.h"
+#include "scheduler.h"
+#include "tenants.h"
+
+typedef struct mm_grpc_server mm_grpc_server;
+
+typedef struct mm_grpc_options {
+    const char *listen;        /* HOST:PORT; port 0 = ephemeral (see _port)        */
+    const char *tls_cert;      /* PEM server certificate chain file; NULL: plain   */
+    const char *tls_key;       /* PEM private key file (with tls_cert)             */
+    const char *tls_client_ca; /* PEM CA file: require and verify client certs     */
+    size_t max_image_bytes;    /* image.data at most (default 20 MiB)              */
+    size_t max_question_bytes; /* question at most (default 4096)                  */
+    int max_tokens_default;    /* options.max_tokens 0 means this (default 64)     */
+    int max_tokens_limit;      /* options.max_tokens at most (default 512)         */
+    size_t max_message;        /* gRPC receive limit, bytes (default 32 MiB)       */
+    size_t max_candidates;     /* ClassifyRequest.candidates at most (default 64)  */
+    mm_sched *sched;           /* borrowed; must outlive every call (see top)      */
+    mm_tenants *tenants;       /* borrowed; quotas are taken and released here     */
+    mm_audit *audit;           /* borrowed; NULL: no audit log                     */
+    mm_model *model;           /* borrowed; GetServerInfo                          */
+    const char *version;       /* GetServerInfo.version                            */
+    int n_experts;             /* experts per MoE layer (GetServerInfo, health)    */
+    int eos_token;             /* the tokenizer's EOS id (finish_reason); -1: unknown */
+    int (*live_replicas)(void *ctx, int expert); /* NULL: every expert local (1)  */
+    void *live_ctx;
+    int log_calls; /* 1 (default): one line per call on stderr         */
+    mm_log *log;   /* event lines (NULL: text on stderr)                */
+    /* Prometheus registry (NULL: none): medmoe_cases_total{tenant,status},
+     * medmoe_ttft_seconds, medmoe_token_latency_seconds (router_metrics.h). */
+    mm_metrics *metrics;
+} mm_grpc_options;
+
+void mm_grpc_options_default(mm_grpc_options *o);
+
+/* grpc_init, bind, start. Errors: MM_EINVAL (options, unreadable PEM files),
+ * MM_EIO (cannot bind). */
+int mm_grpc_server_new(const mm_grpc_options *o, mm_grpc_server **out, char *err, size_t errlen);
+
+/* The port bound (the ephemeral one when listen asked for 0). */
+int mm_grpc_server_port(const mm_grpc_server *g);
+
+/* Handle completion-queue events: wait up to timeout_ms for the first, then
+ * take what is ready without waiting (at most a few hundred). Returns the
+ * number handled. */
+int mm_grpc_server_poll(mm_grpc_server *g, int timeout_ms);
+
+/* Calls in progress (arrived, not yet freed). */
+size_t mm_grpc_server_calls(const mm_grpc_server *g);
+
+/* Stop accepting new calls; calls in progress go on. Idempotent. */
+void mm_grpc_server_shutdown(mm_grpc_server *g);
+
+/* Shut down (if not yet), give in-flight sends up to 2 s, cancel what is left
+ * (their cases must no longer be in the scheduler: destroy it first), free
+ * everything, grpc_shutdown. NULL and *g == NULL are fine. */
+void mm_grpc_server_destroy(mm_grpc_server **g);
+
+#endif
