@@ -6,6 +6,10 @@
  * The session (Paranoid Pirate shape): connect a DEALER, Hello, Welcome;
  * then Work -> Result; heartbeats while idle; the router silent for 3
  * intervals -> a new socket after a back-off and Hello again.
+ *
+ * Observability (issue 6): one log line per event (common/log.h, --log-format
+ * text|json) and, with --metrics-listen, a Prometheus endpoint
+ * (common/metrics.h) with the medmoe_expert_* series listed in s_metrics_init.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -22,7 +26,9 @@
 
 #include "fingerprint.h"
 #include "generate.h"
+#include "log.h"
 #include "medmoe.h"
+#include "metrics.h"
 #include "wire.h"
 
 #define S_DEAD_AFTER 3        /* silent heartbeats before the router counts as gone */
@@ -55,6 +61,11 @@ static void usage(FILE *f) {
                "  --curve-key F            CurveZMQ: this expert's secret key\n"
                "  --give-up-ms MS          exit 4 when no router welcomed us for MS (default 0:\n"
                "                           keep trying)\n"
+               "  --metrics-listen ADDR    serve Prometheus /metrics and /healthz on ADDR\n"
+               "                           (HOST:PORT, e.g. 0.0.0.0:9091; port 0 picks one)\n"
+               "  --metrics-port-file F    write the bound metrics port to F (with port 0)\n"
+               "  --log-format text|json   log line format on stderr (default text)\n"
+               "  --log-level L            debug|info|warn|error (default info)\n"
                "  --debug-delay-ms N       sleep N ms before each batch reply (tests)\n"
                "  -h, --help               this text\n"
                "\n"
@@ -64,8 +75,11 @@ static void usage(FILE *f) {
 
 typedef struct expert_args {
     const char *model, *router, *backend, *server_key, *key;
+    const char *metrics_listen, *metrics_port_file; /* NULL: no metrics endpoint */
     int expert, heartbeat_ms, capacity, give_up_ms, delay_ms;
     unsigned fp_flags;
+    mm_log_format log_format;
+    mm_log_level log_level;
 } expert_args;
 
 static int s_int_arg(const char *opt, const char *v, int min, int *out) {
@@ -92,12 +106,18 @@ static int parse_args(int argc, char **argv, expert_args *a) {
                                          {"curve-key", required_argument, 0, 'k'},
                                          {"give-up-ms", required_argument, 0, 'g'},
                                          {"debug-delay-ms", required_argument, 0, 'd'},
+                                         {"metrics-listen", required_argument, 0, 'M'},
+                                         {"metrics-port-file", required_argument, 0, 'P'},
+                                         {"log-format", required_argument, 0, 'L'},
+                                         {"log-level", required_argument, 0, 'l'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     memset(a, 0, sizeof *a);
     a->expert = -1;
     a->backend = "cpu";
     a->heartbeat_ms = 1000;
+    a->log_format = MM_LOG_TEXT;
+    a->log_level = MM_LOG_INFO;
     int o, rc = 0;
     while (rc == 0 && (o = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         switch (o) {
@@ -121,6 +141,20 @@ static int parse_args(int argc, char **argv, expert_args *a) {
         case 'k': a->key = optarg; break;
         case 'g': rc = s_int_arg("--give-up-ms", optarg, 0, &a->give_up_ms); break;
         case 'd': rc = s_int_arg("--debug-delay-ms", optarg, 0, &a->delay_ms); break;
+        case 'M': a->metrics_listen = optarg; break;
+        case 'P': a->metrics_port_file = optarg; break;
+        case 'L':
+            if (mm_log_format_parse(optarg, &a->log_format) != MM_OK) {
+                fprintf(stderr, "medmoe-expert: --log-format wants text or json\n");
+                rc = 2;
+            }
+            break;
+        case 'l':
+            if (mm_log_level_parse(optarg, &a->log_level) != MM_OK) {
+                fprintf(stderr, "medmoe-expert: --log-level wants debug, info, warn or error\n");
+                rc = 2;
+            }
+            break;
         case 'h': usage(stdout); exit(0);
         default: usage(stderr); return 2;
         }
@@ -136,21 +170,15 @@ static int parse_args(int argc, char **argv, expert_args *a) {
                 "medmoe-expert: --model, --expert and --router are required (see --help)\n");
         return 2;
     }
+    if (a->metrics_port_file && !a->metrics_listen) {
+        fprintf(stderr, "medmoe-expert: --metrics-port-file needs --metrics-listen\n");
+        return 2;
+    }
     if (!a->server_key != !a->key) {
         fprintf(stderr, "medmoe-expert: --curve-server-key and --curve-key go together\n");
         return 2;
     }
     return 0;
-}
-
-static void s_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void s_log(const char *fmt, ...) {
-    char line[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(line, sizeof line, fmt, ap);
-    va_end(ap);
-    fprintf(stderr, "medmoe-expert: %s\n", line);
 }
 
 /* A /proc/self/status field in MiB (VmRSS, RssAnon...), -1 if unknown.
@@ -223,7 +251,71 @@ typedef struct s_node {
     mm_tensor *x, *y; /* [rows_cached, hidden] reused while rows repeat (worker) */
     size_t rows_cached;
     uint64_t batches, rows, errors;
+    /* Observability: the logger and the metrics (families owned by reg; the
+     * server's thread renders them, any thread updates them). */
+    mm_log *log;
+    mm_metrics *reg;
+    mm_metrics_server *srv;
+    mm_metric *m_batches, *m_rows, *m_compute, *m_queue, *m_memory, *m_errors;
 } s_node;
+
+static void s_log(s_node *n, mm_log_level level, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void s_log(s_node *n, mm_log_level level, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    mm_vlogf(n->log, level, NULL, fmt, ap);
+    va_end(ap);
+}
+
+/* The RSS, sampled at each scrape (from the metrics thread: reads /proc). */
+static void s_collect(mm_metrics *reg, void *ctx) {
+    s_node *n = ctx;
+    (void)reg;
+    double rss = mm_metrics_process_rss_bytes();
+    if (rss >= 0)
+        mm_metric_set(n->m_memory, rss);
+}
+
+/* The expert's series. No "expert" label on purpose: the router exports
+ * medmoe_expert_queue_depth{expert="K"} (batches in flight to expert K) for
+ * the HorizontalPodAutoscaler, and a selector expert="K" must not also sum
+ * these per-pod series; Prometheus adds pod/instance labels to tell pods
+ * apart. */
+static int s_metrics_init(s_node *n, char *err, size_t errlen) {
+    static const double compute_b[] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                                       0.05,   0.1,   0.25,   0.5,   1,    2.5};
+    int rc = mm_metrics_new(&n->reg);
+    if (rc != MM_OK)
+        return mm_errorf(err, errlen, rc, "metrics registry: out of memory");
+    n->m_batches = mm_metrics_counter(n->reg, "medmoe_expert_batches_total",
+                                      "Batches computed and answered.", NULL);
+    n->m_rows = mm_metrics_counter(n->reg, "medmoe_expert_rows_total",
+                                   "Token rows computed in answered batches.", NULL);
+    n->m_compute = mm_metrics_histogram(n->reg, "medmoe_expert_compute_seconds",
+                                        "Compute time of one batch (upload, expert FFN in one "
+                                        "MoE layer, download).",
+                                        NULL, compute_b, sizeof compute_b / sizeof *compute_b);
+    n->m_queue = mm_metrics_gauge(n->reg, "medmoe_expert_queue_depth",
+                                  "Batches received and waiting for the compute thread.", NULL);
+    n->m_memory = mm_metrics_gauge(n->reg, "medmoe_expert_memory_bytes",
+                                   "Resident set size of this process (includes mapped "
+                                   "checkpoint pages).",
+                                   NULL);
+    n->m_errors = mm_metrics_counter(n->reg, "medmoe_expert_errors_total",
+                                     "Batches answered with an error, by wire error code.", "code");
+    if (!n->m_batches || !n->m_rows || !n->m_compute || !n->m_queue || !n->m_memory || !n->m_errors)
+        return mm_errorf(err, errlen, MM_ERR, "metrics: %s", mm_metrics_error(n->reg));
+    mm_metrics_on_collect(n->reg, s_collect, n);
+    if ((rc = mm_metrics_serve(n->reg, n->a.metrics_listen, &n->srv, err, errlen)) != MM_OK)
+        return rc;
+    if (n->a.metrics_port_file &&
+        (rc = mm_metrics_server_write_port(n->srv, n->a.metrics_port_file, err, errlen)) != MM_OK)
+        return rc;
+    s_log(n, MM_LOG_INFO, "metrics on http://%s/metrics (port %d)", n->a.metrics_listen,
+          mm_metrics_server_port(n->srv));
+    return MM_OK;
+}
 
 static int s_send(s_node *n, const Medmoe__Wire__Envelope *env, mm_wire_buf *t) {
     char err[256];
@@ -231,7 +323,7 @@ static int s_send(s_node *n, const Medmoe__Wire__Envelope *env, mm_wire_buf *t) 
     if (rc == MM_OK)
         n->last_send_ms = mm_now_ms();
     else
-        s_log("send failed: %s", err);
+        s_log(n, MM_LOG_WARN, "send failed: %s", err);
     return rc;
 }
 
@@ -261,7 +353,7 @@ static int s_connect(s_node *n) {
         zmq_setsockopt(n->sock, ZMQ_CURVE_SECRETKEY, n->secret[0], 40);
     }
     if (zmq_connect(n->sock, n->a.router) != 0) {
-        s_log("connect %s: %s", n->a.router, zmq_strerror(zmq_errno()));
+        s_log(n, MM_LOG_ERROR, "connect %s: %s", n->a.router, zmq_strerror(zmq_errno()));
         return MM_EIO;
     }
     Medmoe__Wire__Hello h = MEDMOE__WIRE__HELLO__INIT;
@@ -389,9 +481,12 @@ static void *s_worker(void *arg) {
             n->todo_tail = NULL;
         n->n_todo--;
         n->busy = 1;
+        mm_metric_set(n->m_queue, n->n_todo);
         pthread_mutex_unlock(&n->mu);
 
+        double t = mm_now_ms();
         s_compute(n, j);
+        mm_metric_observe(n->m_compute, (mm_now_ms() - t) / 1e3);
 
         pthread_mutex_lock(&n->mu);
         j->next = NULL;
@@ -428,13 +523,16 @@ static void s_reply(s_node *n, s_job *j) {
     if (j->code != MEDMOE__WIRE__ERROR_CODE__ERROR_OK) {
         r.message = j->text;
         n->errors++;
-        s_log("batch %llu: %s: %s", (unsigned long long)w->batch_id, mm_wire_error_str(j->code),
-              j->text);
+        mm_metric_add(n->m_errors, 1, mm_wire_error_str(j->code));
+        s_log(n, MM_LOG_WARN, "batch %llu: %s: %s", (unsigned long long)w->batch_id,
+              mm_wire_error_str(j->code), j->text);
         s_send(n, &env, NULL);
         return;
     }
     if (s_send(n, &env, j->out) == MM_OK) {
         n->batches++;
+        mm_metric_add(n->m_batches, 1);
+        mm_metric_add(n->m_rows, w->rows);
         n->rows += w->rows;
     }
 }
@@ -453,7 +551,7 @@ static void s_flush_done(s_node *n) {
         if (j->gen == n->gen && n->sock)
             s_reply(n, j);
         else
-            s_log("dropped the reply to batch %llu: its connection is gone",
+            s_log(n, MM_LOG_WARN, "dropped the reply to batch %llu: its connection is gone",
                   (unsigned long long)j->msg.env->work->batch_id);
         s_job_free(j);
         j = next;
@@ -478,6 +576,7 @@ static void s_work(s_node *n, s_job *j) {
             n->todo = j;
         n->todo_tail = j;
         n->n_todo++;
+        mm_metric_set(n->m_queue, n->n_todo);
         pthread_cond_signal(&n->cv);
     }
     pthread_mutex_unlock(&n->mu);
@@ -493,7 +592,7 @@ static int s_handle(s_node *n) {
     char err[256];
     s_job *j = calloc(1, sizeof *j); /* received in place: the frame is not moved */
     if (!j) {
-        s_log("out of memory");
+        s_log(n, MM_LOG_ERROR, "out of memory");
         return -1;
     }
     int rc = mm_wire_recv(n->sock, 0, &j->msg, err, sizeof err);
@@ -502,7 +601,7 @@ static int s_handle(s_node *n) {
     if (rc == MM_EAGAIN || rc == MM_EIO)
         return rc == MM_EIO ? -1 : 1;
     if (rc == MM_EPROTO) {
-        s_log("dropped a malformed message: %s", err);
+        s_log(n, MM_LOG_WARN, "dropped a malformed message: %s", err);
         return 0;
     }
     mm_wire_msg msg = j->msg; /* a view for the non-Work cases below */
@@ -512,32 +611,34 @@ static int s_handle(s_node *n) {
     case MM_WIRE_WELCOME: {
         const Medmoe__Wire__Welcome *w = msg.env->welcome;
         if (w->version != MM_WIRE_VERSION) {
-            s_log("dropped a Welcome of protocol version %u (we speak %u)", w->version,
-                  MM_WIRE_VERSION);
+            s_log(n, MM_LOG_WARN, "dropped a Welcome of protocol version %u (we speak %u)",
+                  w->version, MM_WIRE_VERSION);
             break;
         }
         n->welcomed = 1;
         n->lost_since_ms = 0;
         if (w->heartbeat_ms >= 1 && w->heartbeat_ms <= 600000)
             n->hb_ms = (int)w->heartbeat_ms;
-        s_log("connected to %s as replica %s (expert %d, heartbeat %d ms)", n->a.router,
-              w->replica_id ? w->replica_id : "?", n->a.expert, n->hb_ms);
+        s_log(n, MM_LOG_INFO, "connected to %s as replica %s (expert %d, heartbeat %d ms)",
+              n->a.router, w->replica_id ? w->replica_id : "?", n->a.expert, n->hb_ms);
         break;
     }
     case MM_WIRE_REFUSE:
-        fprintf(stderr, "medmoe-expert: refused by router: %s\n",
-                msg.env->refuse->reason ? msg.env->refuse->reason : "(no reason)");
+        s_log(n, MM_LOG_ERROR, "refused by router: %s",
+              msg.env->refuse->reason ? msg.env->refuse->reason : "(no reason)");
         out = 3;
         break;
     case MM_WIRE_WORK:
         if (!n->welcomed) {
-            s_log("dropped Work before Welcome");
+            s_log(n, MM_LOG_WARN, "dropped Work before Welcome");
             break;
         }
         s_work(n, j);
         return 0;
     case MM_WIRE_HEARTBEAT: break;
-    default: s_log("dropped an unexpected message (body %d)", (int)msg.env->body_case); break;
+    default:
+        s_log(n, MM_LOG_WARN, "dropped an unexpected message (body %d)", (int)msg.env->body_case);
+        break;
     }
     s_job_free(j);
     return out;
@@ -578,10 +679,11 @@ static void s_drain(s_node *n) {
         s_heartbeat_if_due(n, mm_now_ms());
     }
     if (n_left)
-        s_log("drain: %d batch(es) still unanswered after %d ms; the router re-sends them", n_left,
+        s_log(n, MM_LOG_WARN,
+              "drain: %d batch(es) still unanswered after %d ms; the router re-sends them", n_left,
               S_DRAIN_MS);
     else
-        s_log("drained: every queued batch answered");
+        s_log(n, MM_LOG_INFO, "drained: every queued batch answered");
 }
 
 static int s_serve(s_node *n) {
@@ -594,7 +696,7 @@ static int s_serve(s_node *n) {
                                 {.fd = n->wake[0], .events = ZMQ_POLLIN}};
         int rc = zmq_poll(it, 2, n->hb_ms);
         if (rc < 0 && zmq_errno() != EINTR) {
-            s_log("poll: %s", zmq_strerror(zmq_errno()));
+            s_log(n, MM_LOG_ERROR, "poll: %s", zmq_strerror(zmq_errno()));
             return 1;
         }
         if (rc > 0 && (it[1].revents & ZMQ_POLLIN))
@@ -615,12 +717,13 @@ static int s_serve(s_node *n) {
             backoff = n->hb_ms;
         if (now - n->last_recv_ms >= S_DEAD_AFTER * n->hb_ms) {
             if (n->a.give_up_ms && n->lost_since_ms && now - n->lost_since_ms >= n->a.give_up_ms) {
-                s_log("no router welcomed us for %d ms: giving up", n->a.give_up_ms);
+                s_log(n, MM_LOG_ERROR, "no router welcomed us for %d ms: giving up",
+                      n->a.give_up_ms);
                 return 4;
             }
             if (!n->lost_since_ms)
                 n->lost_since_ms = now;
-            s_log("%s silent for %.0f ms (%s): reconnecting in %d ms", n->a.router,
+            s_log(n, MM_LOG_WARN, "%s silent for %.0f ms (%s): reconnecting in %d ms", n->a.router,
                   now - n->last_recv_ms, n->welcomed ? "connection lost" : "no Welcome yet",
                   backoff);
             s_close(n);
@@ -657,6 +760,8 @@ int main(int argc, char **argv) {
     int rc = parse_args(argc, argv, &n.a);
     if (rc)
         return rc;
+    /* a NULL logger (out of memory) still logs, as text to stderr */
+    mm_log_new("medmoe-expert", stderr, n.a.log_format, n.a.log_level, &n.log);
     struct sigaction sa = {.sa_handler = on_signal};
     sigemptyset(&sa.sa_mask);
     sigaction(SIGTERM, &sa, NULL);
@@ -685,6 +790,12 @@ int main(int argc, char **argv) {
             goto fail;
         }
     }
+    /* The endpoint comes up before the (possibly long) load, so a liveness
+     * probe on /healthz passes while the checkpoint maps. */
+    if (n.a.metrics_listen && (rc = s_metrics_init(&n, err, sizeof err)) != MM_OK) {
+        status = rc == MM_EINVAL ? 2 : 1;
+        goto fail;
+    }
     double t0 = mm_now_ms();
     if ((rc = mm_backend_new(n.a.backend, &be, err, sizeof err)) != MM_OK)
         goto fail;
@@ -711,7 +822,8 @@ int main(int argc, char **argv) {
                                     n.a.fp_flags, n.fp, err, sizeof err)) != MM_OK)
         goto fail;
     snprintf(n.backend, sizeof n.backend, "%s", mm_backend_describe(be));
-    s_log("expert %d of %s loaded in %.0f ms, fingerprint (%s) %.16s... in %.0f ms, RSS %.1f MiB "
+    s_log(&n, MM_LOG_INFO,
+          "expert %d of %s loaded in %.0f ms, fingerprint (%s) %.16s... in %.0f ms, RSS %.1f MiB "
           "(anonymous %.1f MiB), backend %s",
           n.a.expert, n.a.model, t_fp - t0, n.a.fp_flags ? "headers" : "full", n.fp,
           mm_now_ms() - t_fp, s_status_mib("VmRSS"), s_status_mib("RssAnon"), n.backend);
@@ -732,12 +844,12 @@ int main(int argc, char **argv) {
     }
     n.worker_started = 1;
     status = s_serve(&n);
-    s_log("served %llu batch(es), %llu row(s), %llu error repl%s; exiting",
+    s_log(&n, MM_LOG_INFO, "served %llu batch(es), %llu row(s), %llu error repl%s; exiting",
           (unsigned long long)n.batches, (unsigned long long)n.rows, (unsigned long long)n.errors,
           n.errors == 1 ? "y" : "ies");
     goto done;
 fail:
-    fprintf(stderr, "medmoe-expert: %s: %s\n", mm_status_str(rc), err);
+    s_log(&n, MM_LOG_ERROR, "%s: %s", mm_status_str(rc), err);
 done:
     if (n.worker_started) {
         pthread_mutex_lock(&n.mu);
@@ -765,5 +877,8 @@ done:
     mm_tensor_destroy(&n.y);
     mm_model_destroy(&n.m);
     mm_backend_destroy(&be);
+    mm_metrics_server_stop(&n.srv); /* before the registry it renders */
+    mm_metrics_destroy(&n.reg);
+    mm_log_destroy(&n.log);
     return status;
 }

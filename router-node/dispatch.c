@@ -239,7 +239,8 @@ static void s_drop(mm_dispatch *d, size_t ri, const char *fmt, ...) {
         snprintf(k, sizeof k, "%d", r->expert);
         mm_metric_remove(d->m_batch_s, k, r->name);
     }
-    s_log(d, MM_LOG_INFO, "replica %s (expert %d, %s) left: %s; %zu in-flight batch(es) to re-send; expert %d "
+    s_log(d, MM_LOG_INFO,
+          "replica %s (expert %d, %s) left: %s; %zu in-flight batch(es) to re-send; expert %d "
           "has %d live replica(s)",
           r->name, r->expert, r->node, why, moved, r->expert, mm_dispatch_live(d, r->expert));
 }
@@ -329,7 +330,8 @@ static void s_refuse(mm_dispatch *d, const mm_wire_msg *m, const char *node, int
     env.body_case = MM_WIRE_REFUSE;
     env.refuse = &rf;
     s_send_to_id(d, m->id, m->idlen, &env);
-    s_log(d, MM_LOG_WARN, "refused %s (expert %d): %s", node && *node ? node : "a peer", expert, reason);
+    s_log(d, MM_LOG_WARN, "refused %s (expert %d): %s", node && *node ? node : "a peer", expert,
+          reason);
     s_refused(d, reason, expert, node);
 }
 
@@ -393,7 +395,8 @@ static void s_hello(mm_dispatch *d, const mm_wire_msg *m) {
     env.welcome = &w;
     s_show_live(d, r->expert);
     if (s_send(d, ri, &env, NULL) == MM_OK)
-        s_log(d, MM_LOG_INFO, "replica %s joined: expert %d, node %s, backend %s, capacity %u; expert %d has %d "
+        s_log(d, MM_LOG_INFO,
+              "replica %s joined: expert %d, node %s, backend %s, capacity %u; expert %d has %d "
               "live replica(s)",
               r->name, r->expert, r->node, r->backend, r->capacity, r->expert,
               mm_dispatch_live(d, r->expert));
@@ -411,7 +414,8 @@ static void s_result(mm_dispatch *d, long ri, const mm_wire_msg *m) {
     char idbuf[2 * MM_WIRE_MAX_ID + 1];
     if (ri < 0) {
         d->dropped++;
-        s_log(d, MM_LOG_WARN, "discarded result for batch %llu from an unregistered or removed peer %s",
+        s_log(d, MM_LOG_WARN,
+              "discarded result for batch %llu from an unregistered or removed peer %s",
               (unsigned long long)res->batch_id,
               mm_wire_id_str(m->id, m->idlen, idbuf, sizeof idbuf));
         return;
@@ -451,7 +455,8 @@ static void s_result(mm_dispatch *d, long ri, const mm_wire_msg *m) {
             res->error == MEDMOE__WIRE__ERROR_CODE__ERROR_DRAINING) {
             if (res->error == MEDMOE__WIRE__ERROR_CODE__ERROR_DRAINING)
                 r->draining = 1;
-            s_log(d, MM_LOG_WARN, "replica %s answered %s for batch %llu (%s): sending it elsewhere", r->name,
+            s_log(d, MM_LOG_WARN,
+                  "replica %s answered %s for batch %llu (%s): sending it elsewhere", r->name,
                   mm_wire_error_str(res->error), (unsigned long long)b->id, msg);
             b->replica = -1;
             b->avoid = ri;
@@ -541,7 +546,8 @@ static int s_handle_one(mm_dispatch *d) {
     case MM_WIRE_RESULT: s_result(d, ri, &m); break;
     default:
         d->dropped++;
-        s_log(d, MM_LOG_WARN, "dropped an unexpected message (body %d) from %s", (int)m.env->body_case,
+        s_log(d, MM_LOG_WARN, "dropped an unexpected message (body %d) from %s",
+              (int)m.env->body_case,
               ri >= 0 ? d->reps[ri].name : mm_wire_id_str(m.id, m.idlen, idbuf, sizeof idbuf));
         break;
     }

@@ -99,7 +99,7 @@ typedef struct s_call {
     unsigned prompt_tokens, generated_tokens;
     double queue_ms, ttft_ms;
     double t_last_token; /* mm_now_ms() of the last generated token (0: none yet) */
-    int max_tokens; /* the request's effective max_tokens (finish_reason) */
+    int max_tokens;      /* the request's effective max_tokens (finish_reason) */
     s_tag t_close, t_send;
     struct s_call *prev, *next; /* the server's list of live calls */
 } s_call;
@@ -296,8 +296,8 @@ static void s_flush(s_call *c) {
     }
     grpc_call_error e = grpc_call_start_batch(c->call, ops, n, &c->t_send, NULL);
     if (e != GRPC_CALL_OK) {
-        mm_logf(c->g->o.log, MM_LOG_ERROR, c->client_case_id, "grpc_call_start_batch (%s): error %d",
-                s_method_name[c->method], (int)e);
+        mm_logf(c->g->o.log, MM_LOG_ERROR, c->client_case_id,
+                "grpc_call_start_batch (%s): error %d", s_method_name[c->method], (int)e);
         if (msg)
             grpc_byte_buffer_destroy(msg);
         c->aborted = 1;

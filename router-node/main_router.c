@@ -541,8 +541,8 @@ static void s_report_missing(mm_log *lg, const mm_dispatch *d, int n_experts, in
         if (!mm_dispatch_live(d, e))
             u += (size_t)snprintf(list + u, sizeof list - u, " %d", e);
     mm_logf(lg, MM_LOG_WARN, NULL,
-            "after %d ms, experts without a live replica:%s; cases needing them will fail",
-            wait_ms, list);
+            "after %d ms, experts without a live replica:%s; cases needing them will fail", wait_ms,
+            list);
 }
 
 /* Open the front door and run the engine loop until SIGTERM. The objects
@@ -592,8 +592,8 @@ static int s_serve_grpc(const router_args *a, mm_model *m, const mm_tokenizer *t
         return rc;
     int port = mm_grpc_server_port(*grpc);
     mm_logf(lg, MM_LOG_INFO, NULL,
-            "gRPC on %s (port %d, %s), %zu tenant(s), %d slot(s), audit log %s",
-            a->grpc_listen, port,
+            "gRPC on %s (port %d, %s), %zu tenant(s), %d slot(s), audit log %s", a->grpc_listen,
+            port,
             a->tls_client_ca ? "mTLS"
             : a->tls_cert    ? "TLS"
                              : "plaintext",
@@ -625,8 +625,7 @@ static int s_serve_grpc(const router_args *a, mm_model *m, const mm_tokenizer *t
             char serr[1024] = "";
             int src = mm_sched_step(*sched, serr, sizeof serr);
             if (src != MM_OK && !step_failed)
-                mm_logf(lg, MM_LOG_ERROR, NULL, "scheduler step: %s: %s", mm_status_str(src),
-                        serr);
+                mm_logf(lg, MM_LOG_ERROR, NULL, "scheduler step: %s: %s", mm_status_str(src), serr);
             step_failed = src != MM_OK; /* back off to the 5 ms poll while it fails */
         }
         if (mm_dispatch_service(d, 0, -1, NULL) != MM_OK)
@@ -862,10 +861,10 @@ done:
     if (d) {
         json_t *st = mm_dispatch_stats(d);
         json_t *t = json_object_get(st, "dispatch");
-        fprintf(stderr,
-                "medmoe-router: dispatched %lld MoE layer(s), %lld batch(es): round trip "
+        mm_logf(lg, MM_LOG_INFO, NULL,
+                "dispatched %lld MoE layer(s), %lld batch(es): round trip "
                 "mean %.0f us (min %.0f, max %.0f), expert compute mean %.0f us, layer wait "
-                "mean %.0f us; %lld message(s) dropped, %lld batch(es) re-sent\n",
+                "mean %.0f us; %lld message(s) dropped, %lld batch(es) re-sent",
                 (long long)json_integer_value(json_object_get(t, "moe_layers")),
                 (long long)json_integer_value(json_object_get(t, "batches")),
                 json_real_value(json_object_get(t, "batch_rtt_us_mean")),
@@ -896,5 +895,10 @@ done:
     mm_tokenizer_destroy(&tok);
     mm_model_destroy(&m);
     mm_backend_destroy(&be);
+    /* last: the dispatcher and the front door update families of reg until
+     * they are gone; the server renders reg, so it stops first */
+    mm_metrics_server_stop(&msrv);
+    mm_metrics_destroy(&reg);
+    mm_log_destroy(&lg);
     return status;
 }

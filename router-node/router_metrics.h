@@ -26,8 +26,7 @@ typedef struct mm_router_case_metrics {
 
 static inline int mm_router_case_metrics_init(mm_metrics *reg, mm_router_case_metrics *cm) {
     static const double ttft_b[] = {0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30};
-    static const double tok_b[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-                                   0.1,   0.25,   0.5,   1,    2.5};
+    static const double tok_b[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5};
     cm->cases = cm->ttft = cm->token_latency = cm->queue = cm->active = NULL;
     if (!reg)
         return MM_OK;

@@ -34,7 +34,7 @@ ORCH = os.path.join(ROOT, "orchestration")
 K8S = os.path.join(ORCH, "kubernetes")
 
 # Flags the manifests use before the program has them (each is reported, not failed).
-ASSUMED_FLAGS = {"medmoe-router": {"--metrics-listen": "issue 6: Prometheus endpoint of the router"}}
+ASSUMED_FLAGS = {}  # none left: medmoe-router --metrics-listen exists (common/metrics.c)
 
 API = {"Deployment": "apps/v1", "Service": "v1", "ConfigMap": "v1", "Secret": "v1", "Namespace": "v1",
        "HorizontalPodAutoscaler": "autoscaling/v2", "Job": "batch/v1"}
