@@ -46,7 +46,7 @@ bench: build
 	cmake --build $(BUILD) --target bench
 
 demo: build
-	BUILD=$(BUILD) sh tools/demo.sh
+	/usr/bin/python3 tools/demo.py $(BUILD)
 
 format:
 	find kernels model tests bench tools router-node expert-node -name '*.[ch]' 2>/dev/null | xargs clang-format -i
