@@ -400,18 +400,45 @@ void mm_sched_destroy(mm_sched **sp) {
 
 /* ---- submit --------------------------------------------------------------- */
 
-/* " a" style ids of each comma-separated candidate (as case.c). */
-static int s_parse_candidates(mm_sched *s, s_case *c, const char *text, char *err, size_t errlen) {
-    size_t len = strlen(text);
+/* The candidates, NUL-separated in c->cand_buf: from the array when given,
+ * else split at the commas of r->candidates. */
+static int s_candidate_buf(s_case *c, const mm_sched_request *r, size_t *n, char *err,
+                           size_t errlen) {
+    size_t len = 0;
+    if (r->candidate_list) {
+        for (size_t i = 0; i < r->n_candidate_list; i++)
+            len += strlen(r->candidate_list[i]) + 1;
+        if (!(c->cand_buf = malloc(len ? len : 1)))
+            return mm_errorf(err, errlen, MM_ENOMEM, "candidates: out of memory");
+        char *p = c->cand_buf;
+        for (size_t i = 0; i < r->n_candidate_list; i++) {
+            size_t l = strlen(r->candidate_list[i]) + 1;
+            memcpy(p, r->candidate_list[i], l);
+            p += l;
+        }
+        *n = r->n_candidate_list;
+        return MM_OK;
+    }
+    len = strlen(r->candidates);
     if (!(c->cand_buf = malloc(len + 1)))
         return mm_errorf(err, errlen, MM_ENOMEM, "candidates: out of memory");
-    memcpy(c->cand_buf, text, len + 1);
-    size_t n = 1;
+    memcpy(c->cand_buf, r->candidates, len + 1);
+    *n = 1;
     for (char *p = c->cand_buf; *p; p++)
         if (*p == ',') {
             *p = 0;
-            n++;
+            (*n)++;
         }
+    return MM_OK;
+}
+
+/* " a" style ids of each candidate (as case.c). */
+static int s_parse_candidates(mm_sched *s, s_case *c, const mm_sched_request *r, char *err,
+                              size_t errlen) {
+    size_t n = 0;
+    int rc0 = s_candidate_buf(c, r, &n, err, errlen);
+    if (rc0 != MM_OK)
+        return rc0;
     c->n_cands = n;
     c->cand_ids = calloc(n, sizeof *c->cand_ids);
     c->cand_n = calloc(n, sizeof *c->cand_n);
@@ -493,6 +520,8 @@ int mm_sched_submit(mm_sched *s, const mm_sched_request *r, uint64_t *case_id, c
         return mm_errorf(err, errlen, MM_EINVAL, "top_p: %g is not in [0, 1]", (double)r->top_p);
     if (r->candidates && !*r->candidates)
         return mm_errorf(err, errlen, MM_EINVAL, "candidates: empty list");
+    if (r->candidate_list && r->n_candidate_list == 0)
+        return mm_errorf(err, errlen, MM_EINVAL, "candidates: empty list");
     double now = mm_now_ms();
     if (r->deadline_ms > 0 && now >= r->deadline_ms)
         return mm_errorf(err, errlen, MM_ETIMEOUT, "deadline: already passed %.1f ms ago",
@@ -542,7 +571,8 @@ int mm_sched_submit(mm_sched *s, const mm_sched_request *r, uint64_t *case_id, c
                        c->P, s->max_ctx);
         goto fail;
     }
-    if (r->candidates && (rc = s_parse_candidates(s, c, r->candidates, err, errlen)) != MM_OK)
+    if ((r->candidates || r->candidate_list) &&
+        (rc = s_parse_candidates(s, c, r, err, errlen)) != MM_OK)
         goto fail;
     /* as mm_generate: never run past the context */
     c->max_new = (size_t)r->max_tokens;

@@ -98,24 +98,27 @@ typedef void (*mm_sched_done_fn)(void *user, uint64_t case_id, int status, const
                                  json_t *result);
 
 typedef struct mm_sched_request {
-    const char *tenant;         /* required, non-empty; copied               */
-    const char *client_case_id; /* echoed in the result; may be NULL; copied */
-    const void *image_bytes;    /* encoded PNG/JPEG, or NULL for text only    */
-    size_t image_len;           /* bytes at image_bytes                       */
-    const char *media_type;     /* "image/png", "image/jpeg", NULL = sniff    */
-    size_t max_pixels;          /* 0 = image.c's default                      */
-    int no_pad;                 /* 1: plain resize + centre crop              */
-    const char *question;       /* must not be empty                          */
-    const char *conv_mode;      /* NULL: the backbone's training template     */
-    const char *candidates;     /* "a,b,c": classify after generating         */
-    int max_tokens;             /* default 64; 0 with candidates: classify only */
-    float temperature;          /* 0 = greedy                                 */
-    float top_p;                /* default 1                                  */
-    uint64_t seed;              /* sampling seed                              */
-    double deadline_ms;         /* on mm_now_ms()'s clock; 0 = none           */
-    mm_sched_token_fn on_token; /* may be NULL                                */
-    mm_sched_done_fn on_done;   /* required                                   */
-    void *user;                 /* passed to both callbacks                   */
+    const char *tenant;                /* required, non-empty; copied               */
+    const char *client_case_id;        /* echoed in the result; may be NULL; copied */
+    const void *image_bytes;           /* encoded PNG/JPEG, or NULL for text only    */
+    size_t image_len;                  /* bytes at image_bytes                       */
+    const char *media_type;            /* "image/png", "image/jpeg", NULL = sniff    */
+    size_t max_pixels;                 /* 0 = image.c's default                      */
+    int no_pad;                        /* 1: plain resize + centre crop              */
+    const char *question;              /* must not be empty                          */
+    const char *conv_mode;             /* NULL: the backbone's training template     */
+    const char *candidates;            /* "a,b,c": classify after generating         */
+    const char *const *candidate_list; /* or the candidates as an array (wins;
+                                          entries may contain ',')               */
+    size_t n_candidate_list;           /* entries in candidate_list                    */
+    int max_tokens;                    /* default 64; 0 with candidates: classify only */
+    float temperature;                 /* 0 = greedy                                 */
+    float top_p;                       /* default 1                                  */
+    uint64_t seed;                     /* sampling seed                              */
+    double deadline_ms;                /* on mm_now_ms()'s clock; 0 = none           */
+    mm_sched_token_fn on_token;        /* may be NULL                                */
+    mm_sched_done_fn on_done;          /* required                                   */
+    void *user;                        /* passed to both callbacks                   */
 } mm_sched_request;
 
 /* max_tokens 64, top_p 1, everything else 0 / NULL. */

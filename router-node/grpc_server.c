@@ -683,7 +683,6 @@ static void s_case_call(s_call *c, grpc_byte_buffer *payload) {
     }
     Medmoe__V1__CaseRequest *q = NULL;
     Medmoe__V1__ClassifyRequest *k = NULL;
-    char *cands = NULL;
     if (c->method == M_CLASSIFY)
         k = medmoe__v1__classify_request__unpack(NULL, len, bytes);
     else
@@ -755,17 +754,10 @@ static void s_case_call(s_call *c, grpc_byte_buffer *payload) {
                      k->n_candidates, o->max_candidates);
             goto out;
         }
-        size_t total = 0;
         for (size_t i = 0; i < k->n_candidates; i++) {
             const char *t = k->candidates[i];
             if (!t || !*t) {
                 s_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "candidates[%zu]: empty", i);
-                goto out;
-            }
-            /* the scheduler takes them as one "a,b,c" list */
-            if (strchr(t, ',')) {
-                s_finish(c, GRPC_STATUS_INVALID_ARGUMENT,
-                         "candidates[%zu]: contains ',' (not supported)", i);
                 goto out;
             }
             if (strlen(t) > o->max_question_bytes || !s_utf8_ok(t)) {
@@ -774,21 +766,11 @@ static void s_case_call(s_call *c, grpc_byte_buffer *payload) {
                          o->max_question_bytes);
                 goto out;
             }
-            total += strlen(t) + 1;
         }
-        cands = malloc(total);
-        if (!cands) {
-            s_finish(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "server out of memory");
-            goto out;
-        }
-        char *p = cands;
-        for (size_t i = 0; i < k->n_candidates; i++) {
-            size_t l = strlen(k->candidates[i]);
-            memcpy(p, k->candidates[i], l);
-            p[l] = i + 1 < k->n_candidates ? ',' : 0;
-            p += l + 1;
-        }
-        r.candidates = cands;
+        /* the array as it came (an entry may contain ','); the scheduler
+         * copies it at submit */
+        r.candidate_list = (const char *const *)k->candidates;
+        r.n_candidate_list = k->n_candidates;
         r.max_tokens = 0;
     }
     c->max_tokens = r.max_tokens;
@@ -810,7 +792,6 @@ static void s_case_call(s_call *c, grpc_byte_buffer *payload) {
         s_finish(c, GRPC_STATUS_INTERNAL, "%s: %s", mm_status_str(rc), err);
     }
 out:
-    free(cands);
     if (q)
         medmoe__v1__case_request__free_unpacked(q, NULL);
     if (k)
