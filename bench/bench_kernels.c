@@ -6,7 +6,8 @@
  *     plain OpenBLAS cblas_sgemm on the same (f32) data;
  *   GEMV (M = 1) weight-read GB/s beside memcpy bandwidth of a 256 MiB copy;
  *   attention (32 heads x 64) ms: a 600-token prefill and one decode step
- *     at position 600.
+ *     at position 600; and the vision tower's (16 heads x 64, CLIP ViT-L/14
+ *     at 336 px): 577 rows all at position 576 over their own K/V.
  *
  * The backend line prints mm_backend_describe(), the device really used.
  * Loops are time-bounded (longer budget, fewer repetitions on vulkan, where
@@ -274,11 +275,13 @@ static void s_bench_gemv_big(mm_backend *be, double budget, double mc) {
 typedef struct att_args {
     mm_backend *be;
     mm_tensor *out, *q, *kc, *vc, *seq;
+    int heads;
 } att_args;
 
 static int s_run_att(void *p) {
     att_args *a = p;
-    int rc = mm_attention(a->be, a->out, a->q, a->kc, a->vc, a->seq, 32, 32, 64, 0.125f);
+    int rc =
+        mm_attention(a->be, a->out, a->q, a->kc, a->vc, a->seq, a->heads, a->heads, 64, 0.125f);
     return rc != MM_OK ? rc : mm_backend_sync(a->be);
 }
 
@@ -307,7 +310,7 @@ static void s_bench_attention(mm_backend *be, double budget) {
         printf("  attention: setup failed: %s\n", mm_backend_error(be));
         goto done;
     }
-    att_args pre = {be, out, q, kc, vc, st}, dec = {be, out1, q1, kc, vc, st1};
+    att_args pre = {be, out, q, kc, vc, st, 32}, dec = {be, out1, q1, kc, vc, st1, 32};
     double tp = s_time(s_run_att, &pre, budget);
     double td = s_time(s_run_att, &dec, budget);
     if (tp < 0 || td < 0)
@@ -319,6 +322,48 @@ static void s_bench_attention(mm_backend *be, double budget) {
 done:
     free(h), free(seq);
     mm_tensor *all[] = {q, q1, out, out1, kc, vc, st, st1, kv};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        mm_tensor_destroy(&all[i]);
+}
+
+/* The vision tower's attention (model/medmoe.c): every one of the 577 rows
+ * (576 patches + class token) sees all 577, i.e. stands at position 576 of
+ * a one-slot cache that is the image's own K and V. */
+static void s_bench_attention_vision(mm_backend *be, double budget) {
+    size_t T = 577, W = 16 * 64;
+    size_t cs[3] = {1, T, W};
+    float *h = malloc(T * W * 4);
+    int32_t *seq = malloc(T * 8);
+    mm_tensor *q = NULL, *out = NULL, *kc = NULL, *vc = NULL, *st = NULL;
+    uint64_t rs = 11;
+    if (!h || !seq)
+        goto done;
+    for (size_t t = 0; t < T; t++)
+        seq[2 * t] = 0, seq[2 * t + 1] = (int32_t)(T - 1);
+    if (mm_tensor_new_2d(be, MM_F32, T, W, &q) || mm_tensor_new_2d(be, MM_F32, T, W, &out) ||
+        mm_tensor_new(be, MM_F32, 3, cs, &kc) || mm_tensor_new(be, MM_F32, 3, cs, &vc) ||
+        mm_tensor_new_2d(be, MM_I32, T, 2, &st) || mm_tensor_set(st, seq, MM_I32)) {
+        printf("  attention (vision): setup failed: %s\n", mm_backend_error(be));
+        goto done;
+    }
+    mm_tensor *fill[] = {q, kc, vc};
+    for (size_t i = 0; i < 3; i++) {
+        s_fill(h, T * W, &rs);
+        if (mm_tensor_set(fill[i], h, MM_F32)) {
+            printf("  attention (vision): setup failed: %s\n", mm_backend_error(be));
+            goto done;
+        }
+    }
+    att_args a = {be, out, q, kc, vc, st, 16};
+    double tv = s_time(s_run_att, &a, budget);
+    if (tv < 0)
+        printf("  attention (vision) failed: %s\n", mm_backend_error(be));
+    else
+        printf("  attention 16 heads x 64 (vision tower): 577 rows all at position 576 %.2f ms\n",
+               tv * 1e3);
+done:
+    free(h), free(seq);
+    mm_tensor *all[] = {q, out, kc, vc, st};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
         mm_tensor_destroy(&all[i]);
 }
@@ -349,6 +394,7 @@ int main(void) {
                    gv[i].gbs, mc > 0 ? gv[i].gbs / mc : 0);
         s_bench_gemv_big(be, budget, mc);
         s_bench_attention(be, budget);
+        s_bench_attention_vision(be, budget);
         mm_backend_destroy(&be);
     }
     return 0;

@@ -493,10 +493,12 @@ typedef struct att_state {
     mm_tensor *kc, *vc;
 } att_state;
 
-/* Run one call: tokens (slot[t], pos[t]); store their k/v, attend, and
- * compare output and caches with the host mirror. */
+/* Run one call: tokens (slot[t], pos[t]); store their k/v (when store),
+ * attend, and compare output and caches with the host mirror. store 0 is
+ * the vision tower's use: many queries at one position over keys already
+ * in the cache. */
 static void att_step(tc *c, att_state *a, const char *what, size_t T, const int32_t *slots,
-                     const int32_t *pos) {
+                     const int32_t *pos, int store) {
     size_t qw = (size_t)a->H * (size_t)a->hd, kw = a->kw;
     float *q = xmalloc(T * qw * 4), *k = xmalloc(T * kw * 4), *v = xmalloc(T * kw * 4);
     float *got = xmalloc(T * qw * 4), *cache = xmalloc(a->S * a->C * kw * 4);
@@ -508,6 +510,8 @@ static void att_step(tc *c, att_state *a, const char *what, size_t T, const int3
     for (size_t t = 0; t < T; t++) {
         seq[2 * t] = slots[t];
         seq[2 * t + 1] = pos[t];
+        if (!store)
+            continue;
         memcpy(a->hk + ((size_t)slots[t] * a->C + (size_t)pos[t]) * kw, k + t * kw, kw * 4);
         memcpy(a->hv + ((size_t)slots[t] * a->C + (size_t)pos[t]) * kw, v + t * kw, kw * 4);
     }
@@ -542,8 +546,8 @@ static void att_step(tc *c, att_state *a, const char *what, size_t T, const int3
     put(c, st, seq, MM_I32);
     char w2[160];
     snprintf(w2, sizeof w2, "%s (heads %d, kv heads %d, head_dim %d)", what, a->H, a->KVH, a->hd);
-    if (ran(c, mm_kv_store(c->be, a->kc, kt, st), w2) &&
-        ran(c, mm_kv_store(c->be, a->vc, vt, st), w2)) {
+    if (!store || (ran(c, mm_kv_store(c->be, a->kc, kt, st), w2) &&
+                   ran(c, mm_kv_store(c->be, a->vc, vt, st), w2))) {
         /* the cache holds exact copies */
         get(c, a->kc, cache);
         c->checks++;
@@ -583,22 +587,30 @@ static void test_attention(tc *c) {
         /* 1. causal prefill of 65 tokens in slot 2 */
         for (int t = 0; t < 65; t++)
             sl[t] = 2, ps[t] = t;
-        att_step(c, &a, "attention prefill 65 tokens, slot 2", 65, sl, ps);
+        att_step(c, &a, "attention prefill 65 tokens, slot 2", 65, sl, ps, 1);
         /* 2. a chunk continuing that cache: positions 65..70 (p0 > 0) */
         for (int t = 0; t < 6; t++)
             sl[t] = 2, ps[t] = 65 + t;
-        att_step(c, &a, "attention chunk at p0=65, slot 2", 6, sl, ps);
+        att_step(c, &a, "attention chunk at p0=65, slot 2", 6, sl, ps, 1);
         /* 3. one call mixing a 7-token prefill (slot 0) and 1 token (slot 3) */
         for (int t = 0; t < 7; t++)
             sl[t] = 0, ps[t] = t;
         sl[7] = 3, ps[7] = 0;
-        att_step(c, &a, "attention mixed prefill, slots 0 and 3", 8, sl, ps);
+        att_step(c, &a, "attention mixed prefill, slots 0 and 3", 8, sl, ps, 1);
         /* 4. batched decode of 3 sequences of different lengths */
         int32_t ds[3] = {3, 2, 0}, dp[3] = {1, 71, 7};
-        att_step(c, &a, "attention batched decode, 3 slots", 3, ds, dp);
+        att_step(c, &a, "attention batched decode, 3 slots", 3, ds, dp, 1);
         /* 5. one decode step of one sequence (the M=1 path) */
         int32_t s1 = 2, p1 = 72;
-        att_step(c, &a, "attention single decode", 1, &s1, &p1);
+        att_step(c, &a, "attention single decode", 1, &s1, &p1, 1);
+        /* 6. the vision tower's full attention: 20 keys stored in slot 1,
+         * then 20 queries all at the last position (no causal mask) */
+        for (int t = 0; t < 20; t++)
+            sl[t] = 1, ps[t] = t;
+        att_step(c, &a, "attention prefill 20 tokens, slot 1", 20, sl, ps, 1);
+        for (int t = 0; t < 20; t++)
+            sl[t] = 1, ps[t] = 19;
+        att_step(c, &a, "attention full: 20 queries at position 19, slot 1", 20, sl, ps, 0);
         mm_tensor_destroy(&a.kc);
         mm_tensor_destroy(&a.vc);
         free(a.hk), free(a.hv);

@@ -1,5 +1,6 @@
-/* cpu_backend.c — the cpu backend: host memory, OpenBLAS for matmul, plain
- * C loops (OpenMP over rows, tokens and heads) for everything else.
+/* cpu_backend.c — the cpu backend: host memory, OpenBLAS for matmul and for
+ * attention over runs of prefill rows, plain C loops (OpenMP over rows,
+ * tokens and heads) for everything else.
  *
  * Every op is computed at once inside run_op, so sync() has nothing to do.
  * The front end (ops.c) has validated shapes and dtypes; what only the data
@@ -347,6 +348,170 @@ static int s_kv_store(const mm_op *op) {
     return MM_OK;
 }
 
+/* Attention has two paths.
+ *
+ * A run of consecutive rows of one slot (a prefill chunk; the vision tower,
+ * whose 577 rows all stand at the last position) goes through BLAS, per
+ * block of S_ATT_BLOCK rows and per head: S = scale·Q·Kᵀ over cache
+ * positions 0..n-1 (n = 1 + the block's largest position), a softmax of the
+ * first pos_t + 1 entries of each row with the rest zeroed (the causal
+ * mask), then O = S·V. K and V are read in place inside the cache (row
+ * stride kw) and O is written in place into out (row stride qw). Positions
+ * a row must not see cost flops but carry weight exactly 0, so the result
+ * is the loop's up to rounding: blocks keep that waste to a triangle of
+ * S_ATT_BLOCK² / 2 per block. (Those positions belong to later rows of the
+ * same chunk, stored by kv_store before this call; an Inf or NaN there
+ * would leak in through 0·Inf, which the loop never multiplies.)
+ *
+ * Lone rows (decode steps, short runs) take a per-(row, head) loop: one
+ * query cannot reuse a key, so it is bound by reading the cache and a
+ * vectorised dot product is all it needs.
+ *
+ * Both are spread over heads and blocks with OpenMP; each sgemm then runs
+ * on one BLAS thread (a pthreads OpenBLAS would otherwise start its own
+ * threads inside every call, fighting OpenMP's for the cores). */
+
+/* Query rows per block: large enough for sgemm to run near its peak, small
+ * enough that the masked triangle (S_ATT_BLOCK² / 2 dot products per block)
+ * stays a small share of a long chunk. */
+#define S_ATT_BLOCK 128
+
+/* Runs shorter than this take the loop: with so few rows per key there is
+ * nothing for sgemm to gain. */
+#define S_ATT_GEMM_MIN 4
+
+typedef struct s_att {
+    const float *q, *k, *v; /* q [T, qw]; caches [slots, C, kw] */
+    float *o;               /* [T, qw] */
+    const int32_t *sp;      /* seq [T, 2] */
+    size_t H, hd, C, qw, kw, group;
+    float scale;
+} s_att;
+
+/* Rows t0 .. t0 + rows - 1 of one slot; n = 1 + their largest position. */
+typedef struct s_att_blk {
+    size_t t0, rows, n;
+} s_att_blk;
+
+/* GCC keeps every float compare-and-select as a branch while FP exceptions
+ * may trap (-ftrapping-math, the default), which stops it vectorising the
+ * loops below; nothing here reads FP exception flags. */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+/* e^x, vectorisable (glibc's expf is a scalar call the compiler cannot
+ * widen without -ffast-math, and was half the time of a 577-token vision
+ * attention). Cephes' expf: x = n·ln2 + r, |r| <= ln2/2, e^r by a degree-6
+ * polynomial, 2^n put into the exponent bits; within 1 ulp of the exact e^x on
+ * [-87.33, 0], the softmax range (checked on every float there). Below
+ * -87.33 (where 2^n would leave the normal range) it returns 0, where expf
+ * gives a denormal < 1.2e-38 that no softmax sum can notice. The clamps
+ * come first so the float -> int conversion never sees NaN or an out-of-
+ * range value; NaN comes back as NaN. */
+static inline float s_exp_simd(float x) {
+    const float lo = -87.33f, hi = 88.37f;
+    float xc = x > lo ? x : lo; /* NaN -> lo */
+    xc = xc < hi ? xc : hi;
+    /* n = round(x·log2 e) by the 1.5·2^23 trick: exact for |n| < 2^22 */
+    float nf = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = xc - nf * 0.693359375f;
+    r = r - nf * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t n = (int32_t)nf;
+    union {
+        uint32_t u;
+        float f;
+    } s = {.u = (uint32_t)(n + 127) << 23}; /* C11 union punning: vectorises, memcpy does not */
+    float y = p * s.f;
+    y = x < lo ? 0.0f : y;
+    return x != x ? x : y;
+}
+
+/* s_softmax_row for attention: the same max-subtracted softmax, with the
+ * max, the exponentials and the sum vectorised (the sum in a different
+ * order, so the last bits differ). */
+static void s_att_softmax(float *v, size_t n) {
+    /* Eight running maxima: plain lanes that any compiler vectorises. */
+    float m[8];
+    for (size_t k = 0; k < 8; k++)
+        m[k] = v[0];
+    size_t i0 = 0;
+    for (; i0 + 8 <= n; i0 += 8)
+        for (size_t k = 0; k < 8; k++)
+            m[k] = v[i0 + k] > m[k] ? v[i0 + k] : m[k];
+    for (; i0 < n; i0++)
+        m[0] = v[i0] > m[0] ? v[i0] : m[0];
+    float mx = m[0];
+    for (size_t k = 1; k < 8; k++)
+        mx = m[k] > mx ? m[k] : mx;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (size_t i = 0; i < n; i++) {
+        float e = s_exp_simd(v[i] - mx);
+        v[i] = e;
+        sum += e;
+    }
+    float inv = 1.0f / sum;
+#pragma omp simd
+    for (size_t i = 0; i < n; i++)
+        v[i] *= inv;
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
+/* Row t, head h, by the loop; att holds >= pos_t + 1 floats. */
+static void s_att_row(const s_att *a, size_t t, size_t h, float *att) {
+    size_t slot = (size_t)a->sp[2 * t], n = (size_t)a->sp[2 * t + 1] + 1, hd = a->hd;
+    const float *qv = a->q + t * a->qw + h * hd;
+    const float *kb = a->k + slot * a->C * a->kw + (h / a->group) * hd;
+    const float *vb = a->v + slot * a->C * a->kw + (h / a->group) * hd;
+    for (size_t j = 0; j < n; j++) {
+        const float *kv = kb + j * a->kw;
+        float d = 0.0f;
+#pragma omp simd reduction(+ : d)
+        for (size_t i = 0; i < hd; i++)
+            d += qv[i] * kv[i];
+        att[j] = d * a->scale;
+    }
+    s_att_softmax(att, n);
+    float *o = a->o + t * a->qw + h * hd;
+    memset(o, 0, hd * sizeof(float));
+    for (size_t j = 0; j < n; j++) {
+        const float *vv = vb + j * a->kw;
+        float w = att[j];
+#pragma omp simd
+        for (size_t i = 0; i < hd; i++)
+            o[i] += w * vv[i];
+    }
+}
+
+/* Block b, head h, through sgemm; sc holds >= b->rows · b->n floats. */
+static void s_att_block(const s_att *a, const s_att_blk *b, size_t h, float *sc) {
+    size_t slot = (size_t)a->sp[2 * b->t0], n = b->n, hd = a->hd;
+    const float *kb = a->k + slot * a->C * a->kw + (h / a->group) * hd;
+    const float *vb = a->v + slot * a->C * a->kw + (h / a->group) * hd;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)b->rows, (int)n, (int)hd, a->scale,
+                a->q + b->t0 * a->qw + h * hd, (int)a->qw, kb, (int)a->kw, 0.0f, sc, (int)n);
+    for (size_t r = 0; r < b->rows; r++) {
+        float *row = sc + r * n;
+        size_t nr = (size_t)a->sp[2 * (b->t0 + r) + 1] + 1;
+        s_att_softmax(row, nr);
+        memset(row + nr, 0, (n - nr) * sizeof(float));
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)b->rows, (int)hd, (int)n, 1.0f, sc,
+                (int)n, vb, (int)a->kw, 0.0f, a->o + b->t0 * a->qw + h * hd, (int)a->qw);
+}
+
 static int s_attention(const mm_op *op) {
     mm_backend *be = op->dst->be;
     const mm_tensor *q = op->src[0], *kc = op->src[1], *vc = op->src[2], *seq = op->src[3];
@@ -354,48 +519,90 @@ static int s_attention(const mm_op *op) {
     if (rc != MM_OK)
         return rc;
     size_t T = q->shape[0], H = (size_t)op->i[0], KVH = (size_t)op->i[1], hd = (size_t)op->i[2];
-    size_t C = kc->shape[1], qw = H * hd, kw = KVH * hd, group = H / KVH;
-    float scale = op->f[0];
-    const int32_t *sp = s_i(seq);
+    size_t C = kc->shape[1];
+    s_att a = {.q = s_f(q),
+               .k = s_f(kc),
+               .v = s_f(vc),
+               .o = s_f(op->dst),
+               .sp = s_i(seq),
+               .H = H,
+               .hd = hd,
+               .C = C,
+               .qw = H * hd,
+               .kw = KVH * hd,
+               .group = H / KVH,
+               .scale = op->f[0]};
+    /* Split the rows: blocks of runs for sgemm, the rest for the loop. At
+     * most T blocks and T lone rows; sgemm takes int sizes (n <= C). */
+    if (T == 0)
+        return MM_OK;
+    int blas_ok = a.qw <= INT_MAX && a.kw <= INT_MAX && C <= INT_MAX;
+    s_att_blk *blk = malloc(T * sizeof *blk);
+    size_t *lone = malloc(T * sizeof *lone);
+    if (!blk || !lone) {
+        free(blk);
+        free(lone);
+        return mm_backend_fail(be, MM_ENOMEM, "attention: out of memory planning %zu rows", T);
+    }
+    size_t nblk = 0, nlone = 0, nmax_blk = 0, nmax_lone = 0;
+    for (size_t t0 = 0; t0 < T;) {
+        size_t t1 = t0 + 1;
+        while (t1 < T && a.sp[2 * t1] == a.sp[2 * t0])
+            t1++;
+        if (blas_ok && t1 - t0 >= S_ATT_GEMM_MIN) {
+            for (size_t b0 = t0; b0 < t1; b0 += S_ATT_BLOCK) {
+                size_t rows = t1 - b0 < S_ATT_BLOCK ? t1 - b0 : S_ATT_BLOCK, n = 0;
+                for (size_t t = b0; t < b0 + rows; t++)
+                    n = (size_t)a.sp[2 * t + 1] + 1 > n ? (size_t)a.sp[2 * t + 1] + 1 : n;
+                blk[nblk++] = (s_att_blk){b0, rows, n};
+                nmax_blk = n > nmax_blk ? n : nmax_blk;
+            }
+        } else {
+            for (size_t t = t0; t < t1; t++) {
+                lone[nlone++] = t;
+                size_t n = (size_t)a.sp[2 * t + 1] + 1;
+                nmax_lone = n > nmax_lone ? n : nmax_lone;
+            }
+        }
+        t0 = t1;
+    }
+    /* Per-thread scratch: the scores of one block or of one lone row. */
+    size_t need = S_ATT_BLOCK * nmax_blk > nmax_lone ? S_ATT_BLOCK * nmax_blk : nmax_lone;
+    size_t nbt = nblk * H, nlt = nlone * H;
+    /* Only a pthreads OpenBLAS threads inside a call made from an OpenMP
+     * team; an OpenMP one already runs such calls on one thread (and its
+     * openblas_set_num_threads would also change OpenMP's own count). */
+    int blas_nt = 0;
+    if (nbt > 0 && openblas_get_parallel() == 1) {
+        blas_nt = openblas_get_num_threads();
+        openblas_set_num_threads(1);
+    }
     int oom = 0;
-#pragma omp parallel if (T * H > 1)
+#pragma omp parallel if (nbt + nlt > 1)
     {
-        float *att = malloc(C * sizeof(float)); /* this thread's scores */
-        if (!att) {
+        float *sc = malloc(need * sizeof(float));
+        if (!sc) {
 #pragma omp atomic write
             oom = 1;
         }
-#pragma omp for collapse(2) schedule(dynamic, 4)
-        for (size_t t = 0; t < T; t++) {
-            for (size_t h = 0; h < H; h++) {
-                if (!att)
-                    continue;
-                size_t slot = (size_t)sp[2 * t], n = (size_t)sp[2 * t + 1] + 1;
-                const float *qv = s_f(q) + t * qw + h * hd;
-                const float *kb = s_f(kc) + slot * C * kw + (h / group) * hd;
-                const float *vb = s_f(vc) + slot * C * kw + (h / group) * hd;
-                for (size_t j = 0; j < n; j++) {
-                    const float *kv = kb + j * kw;
-                    float d = 0.0f;
-                    for (size_t i = 0; i < hd; i++)
-                        d += qv[i] * kv[i];
-                    att[j] = d * scale;
-                }
-                s_softmax_row(att, n);
-                float *o = s_f(op->dst) + t * qw + h * hd;
-                memset(o, 0, hd * sizeof(float));
-                for (size_t j = 0; j < n; j++) {
-                    const float *vv = vb + j * kw;
-                    float a = att[j];
-                    for (size_t i = 0; i < hd; i++)
-                        o[i] += a * vv[i];
-                }
-            }
-        }
-        free(att);
+        /* Largest blocks (last in a causal chunk) first, so the dynamic
+         * schedule ends on small pieces. */
+#pragma omp for schedule(dynamic, 1) nowait
+        for (size_t i = 0; i < nbt; i++)
+            if (sc)
+                s_att_block(&a, &blk[nblk - 1 - i / H], i % H, sc);
+#pragma omp for schedule(dynamic, 4)
+        for (size_t i = 0; i < nlt; i++)
+            if (sc)
+                s_att_row(&a, lone[i / H], i % H, sc);
+        free(sc);
     }
+    if (blas_nt > 0)
+        openblas_set_num_threads(blas_nt);
+    free(blk);
+    free(lone);
     if (oom)
-        return mm_backend_fail(be, MM_ENOMEM, "attention: out of memory for %zu scores", C);
+        return mm_backend_fail(be, MM_ENOMEM, "attention: out of memory for %zu scores", need);
     return MM_OK;
 }
 
@@ -551,7 +758,8 @@ int mm_cpu_backend_new(mm_backend **out, char *err, size_t errlen) {
             free(be);
             free(c);
             return mm_errorf(err, errlen, MM_EINVAL,
-                             "cpu backend: MEDMOE_THREADS='%s' is not a thread count (1..1024)", nt);
+                             "cpu backend: MEDMOE_THREADS='%s' is not a thread count (1..1024)",
+                             nt);
         }
         omp_set_num_threads((int)n);
         openblas_set_num_threads((int)n);
