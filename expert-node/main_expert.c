@@ -24,6 +24,7 @@
 #include <unistd.h>
 #include <zmq.h>
 
+#include "args.h"
 #include "fingerprint.h"
 #include "generate.h"
 #include "log.h"
@@ -82,18 +83,6 @@ typedef struct expert_args {
     mm_log_level log_level;
 } expert_args;
 
-static int s_int_arg(const char *opt, const char *v, int min, int *out) {
-    char *end = NULL;
-    errno = 0;
-    long x = strtol(v, &end, 10);
-    if (!*v || *end || errno || x < min || x > 1000000000) {
-        fprintf(stderr, "medmoe-expert: %s wants an integer >= %d, got '%s'\n", opt, min, v);
-        return 2;
-    }
-    *out = (int)x;
-    return 0;
-}
-
 static int parse_args(int argc, char **argv, expert_args *a) {
     static const struct option opts[] = {{"model", required_argument, 0, 'm'},
                                          {"expert", required_argument, 0, 'e'},
@@ -122,25 +111,27 @@ static int parse_args(int argc, char **argv, expert_args *a) {
     while (rc == 0 && (o = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         switch (o) {
         case 'm': a->model = optarg; break;
-        case 'e': rc = s_int_arg("--expert", optarg, 0, &a->expert); break;
+        case 'e': rc = mm_arg_int("medmoe-expert", "--expert", optarg, 0, &a->expert); break;
         case 'r': a->router = optarg; break;
         case 'b': a->backend = optarg; break;
-        case 'H': rc = s_int_arg("--heartbeat-ms", optarg, 1, &a->heartbeat_ms); break;
-        case 'c': rc = s_int_arg("--capacity", optarg, 0, &a->capacity); break;
+        case 'H':
+            rc = mm_arg_int("medmoe-expert", "--heartbeat-ms", optarg, 1, &a->heartbeat_ms);
+            break;
+        case 'c': rc = mm_arg_int("medmoe-expert", "--capacity", optarg, 0, &a->capacity); break;
         case 'F':
-            if (!strcmp(optarg, "full")) {
-                a->fp_flags = 0;
-            } else if (!strcmp(optarg, "headers")) {
-                a->fp_flags = MM_FINGERPRINT_HEADERS_ONLY;
-            } else {
+            if (mm_fingerprint_mode_parse(optarg, &a->fp_flags) != MM_OK) {
                 fprintf(stderr, "medmoe-expert: --fingerprint wants full or headers\n");
                 rc = 2;
             }
             break;
         case 'S': a->server_key = optarg; break;
         case 'k': a->key = optarg; break;
-        case 'g': rc = s_int_arg("--give-up-ms", optarg, 0, &a->give_up_ms); break;
-        case 'd': rc = s_int_arg("--debug-delay-ms", optarg, 0, &a->delay_ms); break;
+        case 'g':
+            rc = mm_arg_int("medmoe-expert", "--give-up-ms", optarg, 0, &a->give_up_ms);
+            break;
+        case 'd':
+            rc = mm_arg_int("medmoe-expert", "--debug-delay-ms", optarg, 0, &a->delay_ms);
+            break;
         case 'M': a->metrics_listen = optarg; break;
         case 'P': a->metrics_port_file = optarg; break;
         case 'L':

@@ -174,3 +174,13 @@ int mm_fingerprint_expert(const char *config_path, const mm_checkpoint *ck, cons
     free(names);
     return rc;
 }
+
+int mm_fingerprint_mode_parse(const char *s, unsigned *flags) {
+    if (!strcmp(s, "full"))
+        *flags = 0;
+    else if (!strcmp(s, "headers"))
+        *flags = MM_FINGERPRINT_HEADERS_ONLY;
+    else
+        return MM_EINVAL;
+    return MM_OK;
+}

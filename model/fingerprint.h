@@ -34,6 +34,10 @@
 #define MM_FINGERPRINT_HEX MM_SHA256_HEX /* 64 hex digits + NUL */
 #define MM_FINGERPRINT_HEADERS_ONLY 1u   /* flag: names/dtypes/shapes, not bytes */
 
+/* "full" -> 0, "headers" -> MM_FINGERPRINT_HEADERS_ONLY (the --fingerprint
+ * option of router and expert); MM_EINVAL for anything else. */
+int mm_fingerprint_mode_parse(const char *s, unsigned *flags);
+
 /* Fingerprint of a config.json text (config_json may be NULL with
  * config_len 0: no config) and the tensors named (n may be 0). Returns MM_OK,
  * MM_EPROTO (config not JSON), MM_ENOTFOUND (a tensor absent from ck),

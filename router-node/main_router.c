@@ -23,6 +23,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "args.h"
 #include "audit.h"
 #include "case.h"
 #include "dispatch.h"
@@ -143,18 +144,6 @@ enum {
     O_LOG_LEVEL
 };
 
-static int s_int_arg(const char *opt, const char *v, int min, int *out) {
-    char *end = NULL;
-    errno = 0;
-    long x = strtol(v, &end, 10);
-    if (!*v || *end || errno || x < min || x > 1000000000) {
-        fprintf(stderr, "medmoe-router: %s wants an integer >= %d, got '%s'\n", opt, min, v);
-        return 2;
-    }
-    *out = (int)x;
-    return 0;
-}
-
 static int parse_args(int argc, char **argv, router_args *a) {
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},
@@ -214,16 +203,20 @@ static int parse_args(int argc, char **argv, router_args *a) {
         case 'E': a->endpoint_file = optarg; break;
         case 'c': a->cases = optarg; break;
         case 'S': a->serve = 1; break;
-        case 'w': rc = s_int_arg("--wait-experts", optarg, 0, &a->wait_experts); break;
-        case 'W': rc = s_int_arg("--expert-wait-ms", optarg, 0, &a->expert_wait_ms); break;
-        case 'T': rc = s_int_arg("--batch-timeout-ms", optarg, 1, &a->batch_timeout_ms); break;
-        case 'H': rc = s_int_arg("--heartbeat-ms", optarg, 1, &a->heartbeat_ms); break;
+        case 'w':
+            rc = mm_arg_int("medmoe-router", "--wait-experts", optarg, 0, &a->wait_experts);
+            break;
+        case 'W':
+            rc = mm_arg_int("medmoe-router", "--expert-wait-ms", optarg, 0, &a->expert_wait_ms);
+            break;
+        case 'T':
+            rc = mm_arg_int("medmoe-router", "--batch-timeout-ms", optarg, 1, &a->batch_timeout_ms);
+            break;
+        case 'H':
+            rc = mm_arg_int("medmoe-router", "--heartbeat-ms", optarg, 1, &a->heartbeat_ms);
+            break;
         case 'F':
-            if (!strcmp(optarg, "full")) {
-                a->fp_flags = 0;
-            } else if (!strcmp(optarg, "headers")) {
-                a->fp_flags = MM_FINGERPRINT_HEADERS_ONLY;
-            } else {
+            if (mm_fingerprint_mode_parse(optarg, &a->fp_flags) != MM_OK) {
                 fprintf(stderr, "medmoe-router: --fingerprint wants full or headers\n");
                 rc = 2;
             }
@@ -247,21 +240,24 @@ static int parse_args(int argc, char **argv, router_args *a) {
         case O_TLS_CERT: a->tls_cert = optarg; break;
         case O_TLS_KEY: a->tls_key = optarg; break;
         case O_TLS_CLIENT_CA: a->tls_client_ca = optarg; break;
-        case O_SLOTS: rc = s_int_arg("--slots", optarg, 1, &a->slots); break;
+        case O_SLOTS: rc = mm_arg_int("medmoe-router", "--slots", optarg, 1, &a->slots); break;
         case O_MAX_IMAGE:
-            rc = s_int_arg("--max-image-bytes", optarg, 1, &a->max_image_bytes);
+            rc = mm_arg_int("medmoe-router", "--max-image-bytes", optarg, 1, &a->max_image_bytes);
             break;
         case O_MAX_QUESTION:
-            rc = s_int_arg("--max-question-bytes", optarg, 1, &a->max_question_bytes);
+            rc = mm_arg_int("medmoe-router", "--max-question-bytes", optarg, 1,
+                            &a->max_question_bytes);
             break;
         case O_MAX_TOKENS_DEFAULT:
-            rc = s_int_arg("--max-tokens-default", optarg, 1, &a->max_tokens_default);
+            rc = mm_arg_int("medmoe-router", "--max-tokens-default", optarg, 1,
+                            &a->max_tokens_default);
             break;
         case O_MAX_TOKENS_LIMIT:
-            rc = s_int_arg("--max-tokens-limit", optarg, 1, &a->max_tokens_limit);
+            rc = mm_arg_int("medmoe-router", "--max-tokens-limit", optarg, 1, &a->max_tokens_limit);
             break;
         case O_GRPC_MAX_MESSAGE:
-            rc = s_int_arg("--grpc-max-message", optarg, 1024, &a->grpc_max_message);
+            rc = mm_arg_int("medmoe-router", "--grpc-max-message", optarg, 1024,
+                            &a->grpc_max_message);
             break;
         case O_METRICS_LISTEN: a->metrics_listen = optarg; break;
         case O_METRICS_PORT_FILE: a->metrics_port_file = optarg; break;
