@@ -12,24 +12,24 @@
 #include "kernels.h"
 
 typedef enum mm_op_type {
-    MM_OP_MATMUL,       /* dst = src0 · src1ᵀ (+ src2 bias)                 */
-    MM_OP_ADD,          /* dst = src0 + src1 (src1 maybe one broadcast row)  */
-    MM_OP_MUL,          /* dst = src0 * src1 (likewise)                      */
-    MM_OP_SCALE,        /* dst = src0 * f[0]                                 */
-    MM_OP_LAYERNORM,    /* src0 x, src1 w|NULL, src2 b|NULL, f[0] eps        */
-    MM_OP_RMSNORM,      /* src0 x, src1 w|NULL, f[0] eps                     */
-    MM_OP_UNARY,        /* i[0] = mm_unary_op                                */
-    MM_OP_SWIGLU,       /* dst = silu(src0) * src1                           */
-    MM_OP_SOFTMAX,      /* rows of src0                                      */
-    MM_OP_ROPE,         /* dst (in place), src0 = seq; i: n_heads, head_dim,
-                           rot_dims; f[0] theta                              */
-    MM_OP_KV_STORE,     /* dst cache, src0 kv, src1 seq                      */
-    MM_OP_ATTENTION,    /* dst out, src0 q, src1 kcache, src2 vcache, src3
-                           seq; i: n_heads, n_kv_heads, head_dim; f[0] scale */
-    MM_OP_TOPK,         /* dst idx, dst2 val, src0 x, i[0] k                 */
-    MM_OP_GET_ROWS,     /* dst out, src0 table, src1 idx                     */
-    MM_OP_SCATTER_ADD,  /* dst, src0 rows, src1 idx, src2 w|NULL             */
-    MM_OP_IM2COL,       /* dst, src0 img [C,H,W], i[0] patch                 */
+    MM_OP_MATMUL,      /* dst = src0 · src1ᵀ (+ src2 bias)                 */
+    MM_OP_ADD,         /* dst = src0 + src1 (src1 maybe one broadcast row)  */
+    MM_OP_MUL,         /* dst = src0 * src1 (likewise)                      */
+    MM_OP_SCALE,       /* dst = src0 * f[0]                                 */
+    MM_OP_LAYERNORM,   /* src0 x, src1 w|NULL, src2 b|NULL, f[0] eps        */
+    MM_OP_RMSNORM,     /* src0 x, src1 w|NULL, f[0] eps                     */
+    MM_OP_UNARY,       /* i[0] = mm_unary_op                                */
+    MM_OP_SWIGLU,      /* dst = silu(src0) * src1                           */
+    MM_OP_SOFTMAX,     /* rows of src0                                      */
+    MM_OP_ROPE,        /* dst (in place), src0 = seq; i: n_heads, head_dim,
+                          rot_dims; f[0] theta                              */
+    MM_OP_KV_STORE,    /* dst cache, src0 kv, src1 seq                      */
+    MM_OP_ATTENTION,   /* dst out, src0 q, src1 kcache, src2 vcache, src3
+                          seq; i: n_heads, n_kv_heads, head_dim; f[0] scale */
+    MM_OP_TOPK,        /* dst idx, dst2 val, src0 x, i[0] k                 */
+    MM_OP_GET_ROWS,    /* dst out, src0 table, src1 idx                     */
+    MM_OP_SCATTER_ADD, /* dst, src0 rows, src1 idx, src2 w|NULL             */
+    MM_OP_IM2COL,      /* dst, src0 img [C,H,W], i[0] patch                 */
     MM_OP_COUNT
 } mm_op_type;
 

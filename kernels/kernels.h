@@ -57,19 +57,19 @@ size_t mm_dtype_size(mm_dtype t);      /* bytes per element            */
 typedef struct mm_backend mm_backend; /* opaque; see backend.h */
 
 typedef struct mm_tensor {
-    mm_dtype dtype;                    /* element type                          */
-    int ndim;                          /* 1..MM_MAX_DIMS                        */
-    size_t shape[MM_MAX_DIMS];         /* shape[0] outermost; unused dims are 1 */
-    size_t nelem;                      /* product of the shape                  */
-    size_t nbytes;                     /* nelem * mm_dtype_size(dtype)          */
-    mm_backend *be;                    /* the backend that owns the storage     */
-    struct mm_tensor *parent;          /* NULL, or the tensor this one views    */
-    size_t offset;                     /* byte offset of a view in the storage  */
-    void *data;                        /* host address of element 0 when the
-                                          storage is host-visible (always on
-                                          cpu), else NULL. Read it only after
-                                          mm_backend_sync().                    */
-    void *impl;                        /* backend-private storage handle        */
+    mm_dtype dtype;            /* element type                          */
+    int ndim;                  /* 1..MM_MAX_DIMS                        */
+    size_t shape[MM_MAX_DIMS]; /* shape[0] outermost; unused dims are 1 */
+    size_t nelem;              /* product of the shape                  */
+    size_t nbytes;             /* nelem * mm_dtype_size(dtype)          */
+    mm_backend *be;            /* the backend that owns the storage     */
+    struct mm_tensor *parent;  /* NULL, or the tensor this one views    */
+    size_t offset;             /* byte offset of a view in the storage  */
+    void *data;                /* host address of element 0 when the
+                                  storage is host-visible (always on
+                                  cpu), else NULL. Read it only after
+                                  mm_backend_sync().                    */
+    void *impl;                /* backend-private storage handle        */
 } mm_tensor;
 
 /* ---- backends ------------------------------------------------------------ */
@@ -93,12 +93,10 @@ int mm_backend_sync(mm_backend *be);
 /* ---- tensors ------------------------------------------------------------- */
 
 /* A new tensor reads as zeros on every backend. */
-int mm_tensor_new(mm_backend *be, mm_dtype dtype, int ndim, const size_t *shape,
-                  mm_tensor **out);
+int mm_tensor_new(mm_backend *be, mm_dtype dtype, int ndim, const size_t *shape, mm_tensor **out);
 void mm_tensor_destroy(mm_tensor **t);
 /* 2-D convenience: rows x cols. */
-int mm_tensor_new_2d(mm_backend *be, mm_dtype dtype, size_t rows, size_t cols,
-                     mm_tensor **out);
+int mm_tensor_new_2d(mm_backend *be, mm_dtype dtype, size_t rows, size_t cols, mm_tensor **out);
 
 /* A view of rows [row0, row0+nrows) of t (rows = shape[0]). */
 int mm_tensor_view_rows(mm_tensor *t, size_t row0, size_t nrows, mm_tensor **out);
@@ -139,14 +137,13 @@ int mm_scale(mm_backend *be, mm_tensor *out, const mm_tensor *a, float s);
 /* Row-wise over the last dimension. w, b: [cols] f32, either may be NULL. */
 int mm_layernorm(mm_backend *be, mm_tensor *out, const mm_tensor *x, const mm_tensor *w,
                  const mm_tensor *b, float eps);
-int mm_rmsnorm(mm_backend *be, mm_tensor *out, const mm_tensor *x, const mm_tensor *w,
-               float eps);
+int mm_rmsnorm(mm_backend *be, mm_tensor *out, const mm_tensor *x, const mm_tensor *w, float eps);
 
 typedef enum mm_unary_op {
-    MM_GELU_ERF = 0,  /* x/2 * (1 + erf(x/√2))                       */
-    MM_GELU_TANH = 1, /* x/2 * (1 + tanh(√(2/π) (x + 0.044715 x³)))   */
+    MM_GELU_ERF = 0,   /* x/2 * (1 + erf(x/√2))                       */
+    MM_GELU_TANH = 1,  /* x/2 * (1 + tanh(√(2/π) (x + 0.044715 x³)))   */
     MM_QUICK_GELU = 2, /* x * sigmoid(1.702 x)                         */
-    MM_SILU = 3,      /* x * sigmoid(x)                                */
+    MM_SILU = 3,       /* x * sigmoid(x)                                */
     MM_UNARY_COUNT
 } mm_unary_op;
 int mm_unary(mm_backend *be, mm_unary_op op, mm_tensor *out, const mm_tensor *x);
@@ -177,9 +174,9 @@ int mm_kv_store(mm_backend *be, mm_tensor *cache, const mm_tensor *kv, const mm_
  *   out[t, h] = Σ_j softmax_j(scale · q[t,h]·k[s,j,kvh]) · v[s,j,kvh]
  * q, out: [T, n_heads*head_dim]; kcache, vcache: [n_slots, max_ctx,
  * n_kv_heads*head_dim]. The keys of positions <= p must already be stored. */
-int mm_attention(mm_backend *be, mm_tensor *out, const mm_tensor *q,
-                 const mm_tensor *kcache, const mm_tensor *vcache, const mm_tensor *seq,
-                 int n_heads, int n_kv_heads, int head_dim, float scale);
+int mm_attention(mm_backend *be, mm_tensor *out, const mm_tensor *q, const mm_tensor *kcache,
+                 const mm_tensor *vcache, const mm_tensor *seq, int n_heads, int n_kv_heads,
+                 int head_dim, float scale);
 
 /* Per row of x [T, E] (f32): the k largest values, in descending order,
  * ties to the lower index. idx I32 [T, k], val f32 [T, k]. */
@@ -194,8 +191,8 @@ int mm_get_rows(mm_backend *be, mm_tensor *out, const mm_tensor *src, const mm_t
 /* dst[idx[i]] += w[i] * src[i] (rows; w NULL means 1). idx I32 [n] must not
  * repeat an entry within one call. dst f32 [R, cols], src f32 [n, cols],
  * w f32 [n]. Merges an expert's output rows back into token order. */
-int mm_scatter_add_rows(mm_backend *be, mm_tensor *dst, const mm_tensor *src,
-                        const mm_tensor *idx, const mm_tensor *w);
+int mm_scatter_add_rows(mm_backend *be, mm_tensor *dst, const mm_tensor *src, const mm_tensor *idx,
+                        const mm_tensor *w);
 
 /* ViT patch extraction: img f32 [C, H, W] -> out f32 [(H/P)*(W/P), C*P*P],
  * patch row-major (py, px), each row ordered (c, ky, kx) — the layout of a
@@ -205,7 +202,7 @@ int mm_im2col(mm_backend *be, mm_tensor *out, const mm_tensor *img, int patch);
 
 /* ---- host helpers -------------------------------------------------------- */
 float mm_f16_to_f32(uint16_t h);
-uint16_t mm_f32_to_f16(float f);  /* round to nearest even */
+uint16_t mm_f32_to_f16(float f); /* round to nearest even */
 float mm_bf16_to_f32(uint16_t h);
 uint16_t mm_f32_to_bf16(float f); /* round to nearest even */
 /* Convert n elements of src (dtype st) into f32. */

@@ -125,8 +125,7 @@ int mm_backend_new(const char *name, mm_backend **out, char *err, size_t errlen)
         return mm_cpu_backend_new(out, err, errlen);
     if (strcmp(name, "vulkan") == 0)
         return mm_vulkan_backend_new(out, err, errlen);
-    return mm_errorf(err, errlen, MM_EINVAL, "unknown backend '%s' (expected cpu or vulkan)",
-                     name);
+    return mm_errorf(err, errlen, MM_EINVAL, "unknown backend '%s' (expected cpu or vulkan)", name);
 }
 
 void mm_backend_destroy(mm_backend **be) {
@@ -176,8 +175,7 @@ static int s_set_shape(mm_backend *be, mm_tensor *t, mm_dtype dtype, int ndim,
     if (dtype < 0 || dtype >= MM_DTYPE_COUNT)
         return mm_backend_fail(be, MM_EINVAL, "tensor: unknown dtype %d", (int)dtype);
     if (ndim < 1 || ndim > MM_MAX_DIMS)
-        return mm_backend_fail(be, MM_EINVAL, "tensor: ndim %d outside 1..%d", ndim,
-                               MM_MAX_DIMS);
+        return mm_backend_fail(be, MM_EINVAL, "tensor: ndim %d outside 1..%d", ndim, MM_MAX_DIMS);
     size_t n = 1;
     for (int d = 0; d < MM_MAX_DIMS; d++) {
         t->shape[d] = d < ndim ? shape[d] : 1;
@@ -196,8 +194,7 @@ static int s_set_shape(mm_backend *be, mm_tensor *t, mm_dtype dtype, int ndim,
     return MM_OK;
 }
 
-int mm_tensor_new(mm_backend *be, mm_dtype dtype, int ndim, const size_t *shape,
-                  mm_tensor **out) {
+int mm_tensor_new(mm_backend *be, mm_dtype dtype, int ndim, const size_t *shape, mm_tensor **out) {
     *out = NULL;
     mm_tensor *t = calloc(1, sizeof *t);
     if (!t)
@@ -223,8 +220,7 @@ int mm_tensor_new(mm_backend *be, mm_dtype dtype, int ndim, const size_t *shape,
     return MM_OK;
 }
 
-int mm_tensor_new_2d(mm_backend *be, mm_dtype dtype, size_t rows, size_t cols,
-                     mm_tensor **out) {
+int mm_tensor_new_2d(mm_backend *be, mm_dtype dtype, size_t rows, size_t cols, mm_tensor **out) {
     size_t shape[2] = {rows, cols};
     return mm_tensor_new(be, dtype, 2, shape, out);
 }
@@ -239,8 +235,7 @@ void mm_tensor_destroy(mm_tensor **tp) {
     *tp = NULL;
 }
 
-static int s_view(mm_tensor *t, size_t byte_off, int ndim, const size_t *shape,
-                  mm_tensor **out) {
+static int s_view(mm_tensor *t, size_t byte_off, int ndim, const size_t *shape, mm_tensor **out) {
     *out = NULL;
     mm_tensor *v = calloc(1, sizeof *v);
     if (!v)
@@ -263,8 +258,8 @@ int mm_tensor_view_rows(mm_tensor *t, size_t row0, size_t nrows, mm_tensor **out
     char s[96];
     if (nrows == 0 || row0 > t->shape[0] || nrows > t->shape[0] - row0) {
         *out = NULL;
-        return mm_backend_fail(t->be, MM_EINVAL, "view_rows: rows [%zu, %zu+%zu) outside %s",
-                               row0, row0, nrows, mm_tensor_str(t, s, sizeof s));
+        return mm_backend_fail(t->be, MM_EINVAL, "view_rows: rows [%zu, %zu+%zu) outside %s", row0,
+                               row0, nrows, mm_tensor_str(t, s, sizeof s));
     }
     size_t shape[MM_MAX_DIMS];
     memcpy(shape, t->shape, sizeof shape);
@@ -401,12 +396,12 @@ static int s_check_owned(mm_backend *be, const char *name, int n, const mm_tenso
     return MM_OK;
 }
 
-#define CHECK_OWNED(name, ...)                                                                  \
-    do {                                                                                        \
-        const mm_tensor *ts_[] = {__VA_ARGS__};                                                 \
-        int rc_ = s_check_owned(be, name, (int)(sizeof ts_ / sizeof ts_[0]), ts_);              \
-        if (rc_ != MM_OK)                                                                       \
-            return rc_;                                                                         \
+#define CHECK_OWNED(name, ...)                                                                     \
+    do {                                                                                           \
+        const mm_tensor *ts_[] = {__VA_ARGS__};                                                    \
+        int rc_ = s_check_owned(be, name, (int)(sizeof ts_ / sizeof ts_[0]), ts_);                 \
+        if (rc_ != MM_OK)                                                                          \
+            return rc_;                                                                            \
     } while (0)
 
 static int s_same_shape(const mm_tensor *a, const mm_tensor *b) {
@@ -446,8 +441,8 @@ static int s_binary(mm_backend *be, mm_op_type type, const char *name, mm_tensor
     int nbuf = 0;
     CHECK_OWNED(name, out, a, b);
     if (a->dtype != MM_F32 || b->dtype != MM_F32 || out->dtype != MM_F32)
-        return mm_backend_fail(be, MM_EINVAL, "%s: want f32 tensors; got out %s, a %s, b %s",
-                               name, S(out), S(a), S(b));
+        return mm_backend_fail(be, MM_EINVAL, "%s: want f32 tensors; got out %s, a %s, b %s", name,
+                               S(out), S(a), S(b));
     if (!s_same_shape(out, a) || s_cols(a) != s_cols(b) ||
         (b->nelem != a->nelem && b->nelem != s_cols(a)))
         return mm_backend_fail(be, MM_EINVAL,
@@ -473,8 +468,9 @@ static int s_check_elementwise(mm_backend *be, const char *name, const mm_tensor
     int nbuf = 0;
     CHECK_OWNED(name, out, x);
     if (x->dtype != MM_F32 || out->dtype != MM_F32 || !s_same_shape(out, x))
-        return mm_backend_fail(be, MM_EINVAL, "%s: want f32 out and x of one shape; got out %s, x %s",
-                               name, S(out), S(x));
+        return mm_backend_fail(be, MM_EINVAL,
+                               "%s: want f32 out and x of one shape; got out %s, x %s", name,
+                               S(out), S(x));
     return MM_OK;
 }
 
@@ -511,8 +507,7 @@ int mm_layernorm(mm_backend *be, mm_tensor *out, const mm_tensor *x, const mm_te
     return s_run(be, &op, "layernorm");
 }
 
-int mm_rmsnorm(mm_backend *be, mm_tensor *out, const mm_tensor *x, const mm_tensor *w,
-               float eps) {
+int mm_rmsnorm(mm_backend *be, mm_tensor *out, const mm_tensor *x, const mm_tensor *w, float eps) {
     int rc = s_check_elementwise(be, "rmsnorm", out, x);
     if (rc == MM_OK)
         rc = s_check_vec(be, "rmsnorm", "weight", w, s_cols(x));
@@ -588,15 +583,13 @@ int mm_rope(mm_backend *be, mm_tensor *x, const mm_tensor *seq, int n_heads, int
     return s_run(be, &op, "rope");
 }
 
-static int s_check_cache(mm_backend *be, const char *name, const mm_tensor *cache,
-                         size_t width) {
+static int s_check_cache(mm_backend *be, const char *name, const mm_tensor *cache, size_t width) {
     char sbuf[6][96];
     int nbuf = 0;
     CHECK_OWNED(name, cache);
     if (cache->dtype != MM_F32 || cache->ndim != 3 || cache->shape[2] != width)
-        return mm_backend_fail(be, MM_EINVAL,
-                               "%s: cache is %s, want [slots, max_ctx, %zu] f32", name, S(cache),
-                               width);
+        return mm_backend_fail(be, MM_EINVAL, "%s: cache is %s, want [slots, max_ctx, %zu] f32",
+                               name, S(cache), width);
     return MM_OK;
 }
 
@@ -680,8 +673,8 @@ int mm_get_rows(mm_backend *be, mm_tensor *out, const mm_tensor *src, const mm_t
     return s_run(be, &op, "get_rows");
 }
 
-int mm_scatter_add_rows(mm_backend *be, mm_tensor *dst, const mm_tensor *src,
-                        const mm_tensor *idx, const mm_tensor *w) {
+int mm_scatter_add_rows(mm_backend *be, mm_tensor *dst, const mm_tensor *src, const mm_tensor *idx,
+                        const mm_tensor *w) {
     char sbuf[6][96];
     int nbuf = 0;
     CHECK_OWNED("scatter_add_rows", dst, src, idx);

@@ -15,30 +15,29 @@
 #include "tokenizer.h"
 
 static void usage(FILE *f) {
-    fprintf(f,
-            "usage: medmoe-run --model DIR --vision DIR --image FILE --question TEXT [options]\n"
-            "\n"
-            "Answer one medical case with a Med-MoE checkpoint (HF layout), in one process.\n"
-            "\n"
-            "  --model DIR          checkpoint dir: config.json, *.safetensors, tokenizer.json\n"
-            "  --vision DIR         CLIP vision tower dir (config.json + safetensors)\n"
-            "  --image FILE         PNG or JPEG image\n"
-            "  --question TEXT      the question (must not be empty)\n"
-            "  --candidates A,B,C   rank these answers by likelihood (generates nothing\n"
-            "                       unless --max-tokens is given)\n"
-            "  --max-tokens N       generated tokens at most (default 64)\n"
-            "  --backend cpu|vulkan compute backend (default cpu)\n"
-            "  --conv-mode MODE     prompt template: stablelm, phi or simple (default: the\n"
-            "                       backbone's training template)\n"
-            "  --no-pad             resize + centre crop without padding to a square\n"
-            "  --temperature T      sample with temperature T (default 0: greedy)\n"
-            "  --top-p P            nucleus sampling mass (default 1)\n"
-            "  --seed S             sampling seed (default 0)\n"
-            "  --max-pixels N       refuse larger images (default 89478485)\n"
-            "  --json               print a JSON object: answer, token ids, experts per MoE\n"
-            "                       layer and position, timings\n"
-            "  --dump-logits FILE   write each step's logits (float32 [steps, vocab])\n"
-            "  -h, --help           this text\n");
+    fprintf(f, "usage: medmoe-run --model DIR --vision DIR --image FILE --question TEXT [options]\n"
+               "\n"
+               "Answer one medical case with a Med-MoE checkpoint (HF layout), in one process.\n"
+               "\n"
+               "  --model DIR          checkpoint dir: config.json, *.safetensors, tokenizer.json\n"
+               "  --vision DIR         CLIP vision tower dir (config.json + safetensors)\n"
+               "  --image FILE         PNG or JPEG image\n"
+               "  --question TEXT      the question (must not be empty)\n"
+               "  --candidates A,B,C   rank these answers by likelihood (generates nothing\n"
+               "                       unless --max-tokens is given)\n"
+               "  --max-tokens N       generated tokens at most (default 64)\n"
+               "  --backend cpu|vulkan compute backend (default cpu)\n"
+               "  --conv-mode MODE     prompt template: stablelm, phi or simple (default: the\n"
+               "                       backbone's training template)\n"
+               "  --no-pad             resize + centre crop without padding to a square\n"
+               "  --temperature T      sample with temperature T (default 0: greedy)\n"
+               "  --top-p P            nucleus sampling mass (default 1)\n"
+               "  --seed S             sampling seed (default 0)\n"
+               "  --max-pixels N       refuse larger images (default 89478485)\n"
+               "  --json               print a JSON object: answer, token ids, experts per MoE\n"
+               "                       layer and position, timings\n"
+               "  --dump-logits FILE   write each step's logits (float32 [steps, vocab])\n"
+               "  -h, --help           this text\n");
 }
 
 typedef struct run_args {
@@ -51,16 +50,23 @@ typedef struct run_args {
 } run_args;
 
 static int parse_args(int argc, char **argv, run_args *a) {
-    static const struct option opts[] = {
-        {"model", required_argument, 0, 'm'},      {"vision", required_argument, 0, 'v'},
-        {"image", required_argument, 0, 'i'},      {"question", required_argument, 0, 'q'},
-        {"candidates", required_argument, 0, 'c'}, {"max-tokens", required_argument, 0, 'n'},
-        {"backend", required_argument, 0, 'b'},    {"conv-mode", required_argument, 0, 'C'},
-        {"no-pad", no_argument, 0, 'P'},           {"temperature", required_argument, 0, 't'},
-        {"top-p", required_argument, 0, 'p'},      {"seed", required_argument, 0, 's'},
-        {"max-pixels", required_argument, 0, 'x'}, {"json", no_argument, 0, 'j'},
-        {"dump-logits", required_argument, 0, 'd'}, {"help", no_argument, 0, 'h'},
-        {0, 0, 0, 0}};
+    static const struct option opts[] = {{"model", required_argument, 0, 'm'},
+                                         {"vision", required_argument, 0, 'v'},
+                                         {"image", required_argument, 0, 'i'},
+                                         {"question", required_argument, 0, 'q'},
+                                         {"candidates", required_argument, 0, 'c'},
+                                         {"max-tokens", required_argument, 0, 'n'},
+                                         {"backend", required_argument, 0, 'b'},
+                                         {"conv-mode", required_argument, 0, 'C'},
+                                         {"no-pad", no_argument, 0, 'P'},
+                                         {"temperature", required_argument, 0, 't'},
+                                         {"top-p", required_argument, 0, 'p'},
+                                         {"seed", required_argument, 0, 's'},
+                                         {"max-pixels", required_argument, 0, 'x'},
+                                         {"json", no_argument, 0, 'j'},
+                                         {"dump-logits", required_argument, 0, 'd'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
     memset(a, 0, sizeof *a);
     a->max_tokens = 64;
     a->backend = "cpu";
@@ -170,8 +176,7 @@ int main(int argc, char **argv) {
         size_t i;
         json_t *c;
         json_array_foreach(json_object_get(out, "candidates"), i, c) {
-            printf("%-24s p=%.4f  logprob=%.4f\n",
-                   json_string_value(json_object_get(c, "text")),
+            printf("%-24s p=%.4f  logprob=%.4f\n", json_string_value(json_object_get(c, "text")),
                    json_real_value(json_object_get(c, "prob")),
                    json_real_value(json_object_get(c, "logprob")));
         }

@@ -66,38 +66,38 @@ typedef struct mm_layer {
 
 typedef struct mm_vision {
     mm_vision_config cfg;
-    int n_run;             /* encoder layers producing the selected state  */
-    int keep_cls;          /* select_feature "cls_patch"                    */
-    mm_tensor *patch_w;    /* [D, C*P*P] (Conv2d weight seen as a matrix)   */
-    float *class_emb;      /* [D] host                                      */
-    mm_tensor *pos_emb;    /* [np+1, D] f32                                 */
-    mm_norm pre_ln;        /* pre_layrnorm (sic)                            */
-    mm_block *layers;      /* [n_run]; mlp: fc1 -> quick_gelu -> fc2         */
+    int n_run;              /* encoder layers producing the selected state  */
+    int keep_cls;           /* select_feature "cls_patch"                    */
+    mm_tensor *patch_w;     /* [D, C*P*P] (Conv2d weight seen as a matrix)   */
+    float *class_emb;       /* [D] host                                      */
+    mm_tensor *pos_emb;     /* [np+1, D] f32                                 */
+    mm_norm pre_ln;         /* pre_layrnorm (sic)                            */
+    mm_block *layers;       /* [n_run]; mlp: fc1 -> quick_gelu -> fc2         */
     mm_linear proj0, proj2; /* projector mlp2x_gelu: [H, D], [H, H]          */
 } mm_vision;
 
 struct mm_model {
-    mm_config cfg;          /* config.json                                       */
-    char dir[1024];         /* model directory                                   */
-    mm_backend *be;         /* not owned                                         */
-    mm_checkpoint *ck;      /* the LLM checkpoint (mapped)                        */
-    mm_checkpoint *vck;     /* the vision checkpoint, or NULL                     */
-    mm_model_options opt;   /* as loaded                                         */
-    int max_ctx;            /* positions per slot                                */
-    int parallel;           /* attention and MLP read the same norm (Phi)         */
-    int has_meta;           /* MoE layers have a meta expert                      */
-    int has_gate_bias;      /* gates have a bias                                  */
-    char variant[256];      /* mm_model_variant                                   */
-    char warnings[512];     /* mm_model_warnings: odd but usable things seen      */
+    mm_config cfg;             /* config.json                                       */
+    char dir[1024];            /* model directory                                   */
+    mm_backend *be;            /* not owned                                         */
+    mm_checkpoint *ck;         /* the LLM checkpoint (mapped)                        */
+    mm_checkpoint *vck;        /* the vision checkpoint, or NULL                     */
+    mm_model_options opt;      /* as loaded                                         */
+    int max_ctx;               /* positions per slot                                */
+    int parallel;              /* attention and MLP read the same norm (Phi)         */
+    int has_meta;              /* MoE layers have a meta expert                      */
+    int has_gate_bias;         /* gates have a bias                                  */
+    char variant[256];         /* mm_model_variant                                   */
+    char warnings[512];        /* mm_model_warnings: odd but usable things seen      */
     const mm_st_tensor *embed; /* model.embed_tokens.weight [V, H] (host, mapped)  */
-    mm_layer *layers;       /* [num_hidden_layers]                               */
-    mm_norm final_norm;     /* model.norm / model.final_layernorm                 */
-    mm_tensor **head;       /* lm_head split in row chunks: [n_head][rows, H]     */
-    mm_tensor *head_bias;   /* [V] f32 or NULL                                    */
-    size_t n_head;          /* chunks                                            */
-    size_t head_rows;       /* rows per chunk (last may be shorter)               */
-    mm_vision *vision;      /* NULL without a tower                              */
-    mm_expert_runner runner; /* where routed experts run                          */
+    mm_layer *layers;          /* [num_hidden_layers]                               */
+    mm_norm final_norm;        /* model.norm / model.final_layernorm                 */
+    mm_tensor **head;          /* lm_head split in row chunks: [n_head][rows, H]     */
+    mm_tensor *head_bias;      /* [V] f32 or NULL                                    */
+    size_t n_head;             /* chunks                                            */
+    size_t head_rows;          /* rows per chunk (last may be shorter)               */
+    mm_vision *vision;         /* NULL without a tower                              */
+    mm_expert_runner runner;   /* where routed experts run                          */
 };
 
 void mm_model_options_default(mm_model_options *o) {
@@ -473,8 +473,9 @@ static int s_load_head(s_loader *L) {
     size_t row_bytes = H * mm_dtype_size(dt);
     size_t max_rows = mm_backend_max_tensor_bytes(m->be) / row_bytes;
     if (max_rows == 0)
-        return mm_errorf(L->err, L->errlen, MM_EUNSUPPORTED, "lm_head: one row exceeds the "
-                                                             "backend's tensor limit");
+        return mm_errorf(L->err, L->errlen, MM_EUNSUPPORTED,
+                         "lm_head: one row exceeds the "
+                         "backend's tensor limit");
     m->head_rows = max_rows < V ? max_rows : V;
     m->n_head = (V + m->head_rows - 1) / m->head_rows;
     m->head = calloc(m->n_head, sizeof *m->head);
@@ -518,8 +519,8 @@ static void s_check_gates(mm_model *m) {
     }
 }
 
-int mm_model_load(const char *model_dir, mm_backend *be, const mm_model_options *o,
-                  mm_model **out, char *err, size_t errlen) {
+int mm_model_load(const char *model_dir, mm_backend *be, const mm_model_options *o, mm_model **out,
+                  char *err, size_t errlen) {
     *out = NULL;
     mm_model *m = calloc(1, sizeof *m);
     if (!m)
@@ -689,18 +690,18 @@ static void s_scratch_free(s_scratch *s) {
 }
 
 /* Evaluate an op; on failure jump to `fail` with rc set. */
-#define TRY(expr)                                                                               \
-    do {                                                                                        \
-        if ((rc = (expr)) != MM_OK)                                                             \
-            goto fail;                                                                          \
+#define TRY(expr)                                                                                  \
+    do {                                                                                           \
+        if ((rc = (expr)) != MM_OK)                                                                \
+            goto fail;                                                                             \
     } while (0)
 /* Make a temporary; on failure jump to `fail`. */
-#define TMP(var, expr)                                                                          \
-    do {                                                                                        \
-        if (!((var) = (expr))) {                                                                \
-            rc = MM_ENOMEM;                                                                     \
-            goto fail;                                                                          \
-        }                                                                                       \
+#define TMP(var, expr)                                                                             \
+    do {                                                                                           \
+        if (!((var) = (expr))) {                                                                   \
+            rc = MM_ENOMEM;                                                                        \
+            goto fail;                                                                             \
+        }                                                                                          \
     } while (0)
 
 /* ---- the MLP --------------------------------------------------------------
@@ -734,8 +735,8 @@ int mm_model_expert_forward(mm_model *m, int moe, int expert, const mm_tensor *x
                             char *err, size_t errlen) {
     const mm_config *c = &m->cfg;
     if (moe < 0 || moe >= c->n_moe_layers || expert < 0 || expert >= c->num_experts[moe])
-        return mm_errorf(err, errlen, MM_EINVAL, "expert %d of MoE layer %d does not exist",
-                         expert, moe);
+        return mm_errorf(err, errlen, MM_EINVAL, "expert %d of MoE layer %d does not exist", expert,
+                         moe);
     mm_moe *mo = m->layers[c->moe_layers_idx[moe]].moe;
     if (!mo || !mo->experts[expert].loaded)
         return mm_errorf(err, errlen, MM_ENOTFOUND,
@@ -1139,8 +1140,8 @@ int mm_model_forward(mm_model *m, const mm_step *st, float *logits, int32_t *rou
         }
         if (ly->moe) {
             int mi = mm_config_is_moe_layer(c, l);
-            rc = s_moe_forward(m, &s, l, fin, f, routing ? routing + (size_t)mi * T * k : NULL,
-                               err, errlen);
+            rc = s_moe_forward(m, &s, l, fin, f, routing ? routing + (size_t)mi * T * k : NULL, err,
+                               errlen);
             if (rc != MM_OK)
                 goto out;
         } else {

@@ -57,8 +57,8 @@ void mm_model_options_default(mm_model_options *o);
 /* Load config.json and the tensors the options ask for from model_dir onto
  * be (which must outlive the model). Every tensor's shape is checked
  * against the config; errors name the file and the tensor. */
-int mm_model_load(const char *model_dir, mm_backend *be, const mm_model_options *o,
-                  mm_model **out, char *err, size_t errlen);
+int mm_model_load(const char *model_dir, mm_backend *be, const mm_model_options *o, mm_model **out,
+                  char *err, size_t errlen);
 void mm_model_destroy(mm_model **m);
 
 const mm_config *mm_model_config(const mm_model *m);
@@ -118,8 +118,7 @@ typedef struct mm_expert_job {
 typedef struct mm_expert_runner {
     void *ctx;
     int (*start)(void *ctx, mm_model *m, mm_expert_job *jobs, size_t n, char *err, size_t errlen);
-    int (*finish)(void *ctx, mm_model *m, mm_expert_job *jobs, size_t n, char *err,
-                  size_t errlen);
+    int (*finish)(void *ctx, mm_model *m, mm_expert_job *jobs, size_t n, char *err, size_t errlen);
 } mm_expert_runner;
 
 /* NULL restores the in-process runner. */
