@@ -17,6 +17,7 @@ const char *mm_status_str(int status) {
     case MM_EUNSUPPORTED: return "EUNSUPPORTED";
     case MM_EAGAIN: return "EAGAIN";
     case MM_ENOTFOUND: return "ENOTFOUND";
+    case MM_ECANCELLED: return "ECANCELLED";
     default: return "UNKNOWN";
     }
 }

@@ -26,6 +26,7 @@ typedef enum mm_status {
     MM_EUNSUPPORTED = -8, /* valid, but this backend/build cannot do it       */
     MM_EAGAIN = -9,       /* busy or not ready: retry later                   */
     MM_ENOTFOUND = -10,   /* a named thing (tensor, file, expert) is absent   */
+    MM_ECANCELLED = -11,  /* the caller (or its client) cancelled the work      */
 } mm_status;
 
 /* Short upper-case name of a status code ("EINVAL"); never NULL. */

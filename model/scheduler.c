@@ -635,7 +635,7 @@ int mm_sched_cancel(mm_sched *s, uint64_t case_id) {
     s_case *c = s_find(s, case_id);
     if (!c)
         return MM_ENOTFOUND;
-    s_finish(s, c, MM_ERR, "cancelled");
+    s_finish(s, c, MM_ECANCELLED, "cancelled");
     return MM_OK;
 }
 

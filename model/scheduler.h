@@ -34,7 +34,7 @@
  * Every accepted case gets exactly one on_done call:
  *   MM_OK           result holds the answer (keys below)
  *   MM_ETIMEOUT     "deadline exceeded" (waiting or running)
- *   MM_ERR          "cancelled" (from mm_sched_cancel, called before it returns)
+ *   MM_ECANCELLED   "cancelled" (from mm_sched_cancel, called before it returns)
  *   MM_EAGAIN       "shutting down" (mm_sched_destroy)
  *   anything else   the model's error for the step the case was in (e.g.
  *                   MM_ETIMEOUT from a distributed expert runner); the
@@ -144,7 +144,7 @@ int mm_sched_submit(mm_sched *s, const mm_sched_request *r, uint64_t *case_id, c
                     size_t errlen);
 
 /* Drop a waiting or running case at once: its slot (and so its KV cache) is
- * free for the next step's admission; on_done(MM_ERR, "cancelled") is called
+ * free for the next step's admission; on_done(MM_ECANCELLED, "cancelled") is called
  * before this returns. MM_ENOTFOUND when no such case is outstanding. */
 int mm_sched_cancel(mm_sched *s, uint64_t case_id);
 

@@ -540,7 +540,7 @@ static void s_on_done(void *user, uint64_t case_id, int status, const char *mess
         if (status == MM_ETIMEOUT)
             code = past || !strcmp(message, "deadline exceeded") ? GRPC_STATUS_DEADLINE_EXCEEDED
                                                                  : GRPC_STATUS_UNAVAILABLE;
-        else if (status == MM_ERR && !strcmp(message, "cancelled"))
+        else if (status == MM_ECANCELLED)
             code = past ? GRPC_STATUS_DEADLINE_EXCEEDED : GRPC_STATUS_CANCELLED;
         else if (status == MM_EAGAIN || status == MM_ENOTFOUND || status == MM_EIO ||
                  (message && strstr(message, "shutting down")))

@@ -414,7 +414,7 @@ static void test_cancel(void) {
     CHECK(mm_sched_active(s) == 2 && mm_sched_pending(s) == 1);
     CHECK(t[0].n_tok_cb > 0 && t[0].done == 0);
     CHECK(mm_sched_cancel(s, t[0].id) == MM_OK);
-    CHECK(t[0].done == 1 && t[0].status == MM_ERR && strcmp(t[0].msg, "cancelled") == 0);
+    CHECK(t[0].done == 1 && t[0].status == MM_ECANCELLED && strcmp(t[0].msg, "cancelled") == 0);
     CHECK(t[0].result == NULL);
     CHECK(mm_sched_active(s) == 1 && mm_sched_pending(s) == 1);
     CHECK(mm_sched_cancel(s, t[0].id) == MM_ENOTFOUND);
@@ -429,7 +429,7 @@ static void test_cancel(void) {
     CHECK(mm_sched_submit(s, &r, &t[3].id, err, sizeof err) == MM_OK);
     CHECK(mm_sched_pending(s) == 1);
     CHECK(mm_sched_cancel(s, t[3].id) == MM_OK);
-    CHECK(t[3].done == 1 && t[3].status == MM_ERR && mm_sched_pending(s) == 0);
+    CHECK(t[3].done == 1 && t[3].status == MM_ECANCELLED && mm_sched_pending(s) == 0);
     s_run_all(s, 100);
     json_t *ref = s_reference(m, &sp);
     s_compare("cancel", 1, &t[1], ref);
