@@ -94,6 +94,8 @@ int mm_backend_sync(mm_backend *be);
 
 /* A new tensor reads as zeros on every backend. */
 int mm_tensor_new(mm_backend *be, mm_dtype dtype, int ndim, const size_t *shape, mm_tensor **out);
+/* Safe with ops using t still enqueued: the backend keeps its storage until
+ * they have run (the next sync), so callers free temporaries at once. */
 void mm_tensor_destroy(mm_tensor **t);
 /* 2-D convenience: rows x cols. */
 int mm_tensor_new_2d(mm_backend *be, mm_dtype dtype, size_t rows, size_t cols, mm_tensor **out);

@@ -744,8 +744,6 @@ int mm_model_expert_forward(mm_model *m, int moe, int expert, const mm_tensor *x
                          moe, c->moe_layers_idx[moe]);
     s_scratch s = {.be = m->be};
     int rc = s_mlp_forward(&s, &mo->experts[expert], x, y);
-    if (rc == MM_OK)
-        rc = mm_backend_sync(m->be); /* temporaries die below: finish first */
     if (rc != MM_OK)
         mm_errorf(err, errlen, rc, "expert %d of MoE layer %d: %s", expert, moe,
                   mm_backend_error(m->be));
@@ -1150,8 +1148,9 @@ int mm_model_forward(mm_model *m, const mm_step *st, float *logits, int32_t *rou
         if (m->parallel)
             TRY(mm_add(be, x, x, o));
         TRY(mm_add(be, x, x, f));
-        /* Per-layer temporaries can go once this layer's work has run. */
-        TRY(mm_backend_sync(be));
+        /* Per-layer temporaries go now; a backend keeps the storage of a
+         * tensor destroyed with work still queued until that work has run
+         * (kernels.h), so a dense layer costs no submission of its own. */
         for (int i = s.n - 1; i >= scratch_mark; i--)
             mm_tensor_destroy(&s.t[i]);
         s.n = scratch_mark;
