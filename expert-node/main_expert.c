@@ -134,18 +134,8 @@ static int parse_args(int argc, char **argv, expert_args *a) {
             break;
         case 'M': a->metrics_listen = optarg; break;
         case 'P': a->metrics_port_file = optarg; break;
-        case 'L':
-            if (mm_log_format_parse(optarg, &a->log_format) != MM_OK) {
-                fprintf(stderr, "medmoe-expert: --log-format wants text or json\n");
-                rc = 2;
-            }
-            break;
-        case 'l':
-            if (mm_log_level_parse(optarg, &a->log_level) != MM_OK) {
-                fprintf(stderr, "medmoe-expert: --log-level wants debug, info, warn or error\n");
-                rc = 2;
-            }
-            break;
+        case 'L': rc = mm_arg_log_format("medmoe-expert", optarg, &a->log_format); break;
+        case 'l': rc = mm_arg_log_level("medmoe-expert", optarg, &a->log_level); break;
         case 'h': usage(stdout); exit(0);
         default: usage(stderr); return 2;
         }

@@ -1100,6 +1100,18 @@ static grpc_server_credentials *s_credentials(const mm_grpc_options *o, char *er
     return cr;
 }
 
+/* Destroy the server, drain and destroy the queue, release gRPC (the
+ * server must be started-and-shut-down or never started). */
+static void s_teardown(mm_grpc_server *g) {
+    grpc_server_destroy(g->server);
+    grpc_completion_queue_shutdown(g->cq);
+    while (grpc_completion_queue_next(g->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type !=
+           GRPC_QUEUE_SHUTDOWN) {
+    }
+    grpc_completion_queue_destroy(g->cq);
+    grpc_shutdown();
+}
+
 int mm_grpc_server_new(const mm_grpc_options *o, mm_grpc_server **out, char *err, size_t errlen) {
     *out = NULL;
     if (!o->listen || !o->sched || !o->tenants || !o->model)
@@ -1165,13 +1177,7 @@ int mm_grpc_server_new(const mm_grpc_options *o, mm_grpc_server **out, char *err
     }
     if (rc != MM_OK) {
         /* never started: no shutdown needed beyond the queue */
-        grpc_server_destroy(g->server);
-        grpc_completion_queue_shutdown(g->cq);
-        while (grpc_completion_queue_next(g->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type !=
-               GRPC_QUEUE_SHUTDOWN) {
-        }
-        grpc_completion_queue_destroy(g->cq);
-        grpc_shutdown();
+        s_teardown(g);
         free(g);
         return rc;
     }
@@ -1221,13 +1227,7 @@ void mm_grpc_server_destroy(mm_grpc_server **gp) {
     /* calls still listed here would be leaked with their grpc_call refs; the
      * server cannot be destroyed under them, so only finish when all went */
     if (!g->n_calls && g->shutdown_done) {
-        grpc_server_destroy(g->server);
-        grpc_completion_queue_shutdown(g->cq);
-        while (grpc_completion_queue_next(g->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type !=
-               GRPC_QUEUE_SHUTDOWN) {
-        }
-        grpc_completion_queue_destroy(g->cq);
-        grpc_shutdown();
+        s_teardown(g);
     }
     free(g);
     *gp = NULL;

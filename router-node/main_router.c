@@ -261,18 +261,8 @@ static int parse_args(int argc, char **argv, router_args *a) {
             break;
         case O_METRICS_LISTEN: a->metrics_listen = optarg; break;
         case O_METRICS_PORT_FILE: a->metrics_port_file = optarg; break;
-        case O_LOG_FORMAT:
-            if (mm_log_format_parse(optarg, &a->log_format) != MM_OK) {
-                fprintf(stderr, "medmoe-router: --log-format wants text or json\n");
-                rc = 2;
-            }
-            break;
-        case O_LOG_LEVEL:
-            if (mm_log_level_parse(optarg, &a->log_level) != MM_OK) {
-                fprintf(stderr, "medmoe-router: --log-level wants debug, info, warn or error\n");
-                rc = 2;
-            }
-            break;
+        case O_LOG_FORMAT: rc = mm_arg_log_format("medmoe-router", optarg, &a->log_format); break;
+        case O_LOG_LEVEL: rc = mm_arg_log_level("medmoe-router", optarg, &a->log_level); break;
         case 'h': usage(stdout); exit(0);
         default: usage(stderr); return 2;
         }

@@ -26,6 +26,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 COMPARE = os.path.join(os.path.dirname(HERE), "reference", "compare.py")
+sys.path.insert(0, os.path.dirname(COMPARE))
+from run_equivalence import parse_json_stdout  # noqa: E402  (one parser for medmoe-run's stdout)
 PYTHON = "/usr/bin/python3"
 
 # The expert has been welcomed by the router: either the expert says so (the contract: it
@@ -329,20 +331,6 @@ def case_run_args(case):
     if case.get("no_pad"):
         a += ["--no-pad"]
     return a
-
-
-def parse_json_stdout(text):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        lines = text.splitlines()
-        for i in range(len(lines) - 1, -1, -1):
-            if lines[i].lstrip().startswith("{"):
-                try:
-                    return json.loads("\n".join(lines[i:]))
-                except json.JSONDecodeError:
-                    continue
-    raise ValueError("no JSON object on stdout")
 
 
 def reference(run_bin, model, case, workdir, vision=None, timeout=60):
