@@ -26,7 +26,7 @@
 
 #include "args.h"
 #include "fingerprint.h"
-#include "generate.h"
+#include "clock.h"
 #include "log.h"
 #include "medmoe.h"
 #include "metrics.h"

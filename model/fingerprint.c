@@ -72,7 +72,10 @@ int mm_fingerprint(const char *config_json, size_t config_len, const mm_checkpoi
         }
 
     mm_sha256 h;
-    mm_sha256_init(&h);
+    if (mm_sha256_init(&h) != MM_OK) {
+        rc = mm_errorf(err, errlen, MM_ENOMEM, "fingerprint: no SHA-256 context (OpenSSL)");
+        goto out;
+    }
     static const char magic[] = "medmoe-fingerprint-v1\n";
     mm_sha256_update(&h, magic, sizeof magic - 1);
     s_u64(&h, flags);

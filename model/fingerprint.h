@@ -29,7 +29,7 @@
 
 #include "config.h"
 #include "safetensors.h"
-#include "sha256.h"
+#include "hash.h"
 
 #define MM_FINGERPRINT_HEX MM_SHA256_HEX /* 64 hex digits + NUL */
 #define MM_FINGERPRINT_HEADERS_ONLY 1u   /* flag: names/dtypes/shapes, not bytes */

@@ -18,7 +18,7 @@
 #include <unistd.h>
 #include <zmq.h>
 
-#include "sha256.h"
+#include "hash.h"
 
 static int s_api_key(void) {
     unsigned char raw[32];

@@ -8,7 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "sha256.h"
+#include "hash.h"
 #include "status.h"
 
 typedef struct s_tenant {

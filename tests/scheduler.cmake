@@ -1,9 +1,9 @@
-# tests/scheduler.cmake — the continuous-batching scheduler (model/scheduler.c):
+# tests/scheduler.cmake — the continuous-batching scheduler (engine/scheduler.c):
 # equivalence with mm_case_answer for many concurrent cases, streaming, tenant
 # fairness, cancel, deadlines, bad requests, a failing forward step, shutdown.
 # Runs on the tiny checkpoints of tests/model_equivalence.cmake.
 add_executable(test_scheduler ${CMAKE_CURRENT_SOURCE_DIR}/test_scheduler.c)
-target_link_libraries(test_scheduler PRIVATE mm_model m)
+target_link_libraries(test_scheduler PRIVATE mm_engine m)
 
 # -residual stops at EOS after 3 tokens; -top2 routes each row to 2 experts.
 foreach(name stablelm-f32 phi-f32 stablelm-f32-residual stablelm-f32-top2)

@@ -17,7 +17,7 @@
 #include "config.h"
 #include "fingerprint.h"
 #include "safetensors.h"
-#include "sha256.h"
+#include "hash.h"
 
 static int g_fail, g_checks;
 static char g_root[512];

@@ -1,4 +1,4 @@
-/* test_scheduler.c — the continuous-batching scheduler (model/scheduler.c) on a
+/* test_scheduler.c — the continuous-batching scheduler (engine/scheduler.c) on a
  * tiny checkpoint: every case run through the scheduler, many at a time and
  * submitted at different steps, must give the tokens, routing and candidates
  * that mm_case_answer gives for it alone; streamed pieces make the answer;

@@ -8,8 +8,8 @@
 # elsewhere in mm_model cannot stop these tests from building.
 pkg_check_modules(MMTOK_PCRE2 REQUIRED IMPORTED_TARGET libpcre2-8)
 add_executable(test_tokenizer ${CMAKE_CURRENT_SOURCE_DIR}/test_tokenizer.c
-               ${PROJECT_SOURCE_DIR}/model/tokenizer.c ${PROJECT_SOURCE_DIR}/model/prompt.c)
-target_include_directories(test_tokenizer PRIVATE ${PROJECT_SOURCE_DIR}/model)
+               ${PROJECT_SOURCE_DIR}/model/tokenizer.c ${PROJECT_SOURCE_DIR}/engine/prompt.c)
+target_include_directories(test_tokenizer PRIVATE ${PROJECT_SOURCE_DIR}/model ${PROJECT_SOURCE_DIR}/engine)
 target_link_libraries(test_tokenizer PRIVATE mm_kernels PkgConfig::JANSSON PkgConfig::MMTOK_PCRE2)
 
 set(MM_TOK_DIR ${MM_TEST_DATA}/tokenizer)

@@ -7,12 +7,6 @@
 #include <string.h>
 #include <time.h>
 
-double mm_now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
-}
-
 void mm_gen_params_default(mm_gen_params *g) {
     memset(g, 0, sizeof *g);
     g->max_tokens = 64;

@@ -20,6 +20,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "clock.h"
 #include "medmoe.h"
 
 typedef struct mm_prompt_input {
@@ -79,8 +80,5 @@ typedef struct mm_candidate {
 int mm_classify(mm_model *m, int slot, const mm_prompt_input *in, size_t n_scored,
                 const int32_t *const *cand_ids, const size_t *cand_n, mm_candidate *cands,
                 size_t n_cands, char *err, size_t errlen);
-
-/* Milliseconds on a monotonic clock. */
-double mm_now_ms(void);
 
 #endif
