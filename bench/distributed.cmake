@@ -1,4 +1,4 @@
-# bench/distributed.cmake — distributed serving (issue 4): decode tokens/s and time to first
+# bench/distributed.cmake — distributed serving: decode tokens/s and time to first
 # token for N = 1, 8, 32 cases with medmoe-router + 4 medmoe-expert on loopback beside
 # medmoe-run on the same checkpoint in the same run, and the per-MoE-layer dispatch round trip
 # beside a bare ZeroMQ DEALER/ROUTER round trip of the same bytes (bench_zmq_rtt).

@@ -1,4 +1,4 @@
-# bench/grpc.cmake — the gRPC front door (issue 5): cases/s and p50/p99 latency for 1, 8, 32
+# bench/grpc.cmake — the gRPC front door: cases/s and p50/p99 latency for 1, 8, 32
 # concurrent clients against medmoe-router + 4 medmoe-expert on loopback, beside medmoe-run's
 # time for the same case in the same run (the front door's overhead). Prints, never fails.
 if(TARGET medmoe-router AND TARGET medmoe-expert AND TARGET medmoe-run)

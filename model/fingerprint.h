@@ -2,8 +2,8 @@
  * a chosen set of tensors, identical on every host that holds the same model.
  *
  * The router and each expert node compute it independently and compare it at
- * registration (DESIGN.md: "model fingerprint (hash of config + that expert's
- * tensors)"). The result depends only on content, never on layout:
+ * registration (docs/ARCHITECTURE.md, "Router ↔ expert wire": the Hello
+ * carries it). The result depends only on content, never on layout:
  *   - the config is parsed and re-serialised with sorted keys, compact, so
  *     whitespace and key order do not matter (values do);
  *   - tensor names are sorted (strcmp) before hashing, so the caller's order
@@ -28,8 +28,8 @@
 #include <stddef.h>
 
 #include "config.h"
-#include "safetensors.h"
 #include "hash.h"
+#include "safetensors.h"
 
 #define MM_FINGERPRINT_HEX MM_SHA256_HEX /* 64 hex digits + NUL */
 #define MM_FINGERPRINT_HEADERS_ONLY 1u   /* flag: names/dtypes/shapes, not bytes */

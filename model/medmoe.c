@@ -2,8 +2,9 @@
  *
  * Sections: weights (structs and loading), scratch tensors, the MLP, the
  * vision tower and projector, the decoder step with its MoE layers, the LM
- * head. The math is in the order MODEL.md states it; each op is one call of
- * the op interface (kernels.h), so a reader sees the whole layer here.
+ * head. The math is in the order docs/MODEL.md states it; each op is one
+ * call of the op interface (kernels.h), so a reader sees the whole layer
+ * here.
  */
 #include "medmoe.h"
 

@@ -20,12 +20,12 @@
  *                  .pos = positions, .want_logits = flags};
  *     mm_model_forward(m, &s, logits, routing, err, sizeof err);
  *
- * MoE layers follow MODEL.md exactly: p = softmax(Wg·x + b) in fp32, top-k
- * with ties to the lower index, top-1 scales the expert output by p[e*]
- * (not renormalised), top-2 by p[e_i] / (p[e1] + p[e2]); the meta expert's
- * output is added. Where the routed experts are computed is pluggable
- * (mm_expert_runner): in this process by default, on expert nodes in the
- * router.
+ * MoE layers follow docs/MODEL.md, "Gating at inference", exactly:
+ * p = softmax(Wg·x + b) in fp32, top-k with ties to the lower index, top-1
+ * scales the expert output by p[e*] (not renormalised), top-2 by
+ * p[e_i] / (p[e1] + p[e2]); the meta expert's output is added. Where the
+ * routed experts are computed is pluggable (mm_expert_runner): in this
+ * process by default, on expert nodes in the router.
  */
 #ifndef MM_MEDMOE_H
 #define MM_MEDMOE_H

@@ -1,6 +1,7 @@
-# common/ (issue 6, metrics and logs): the Prometheus registry + HTTP endpoint and the log
-# module (test_metrics, cmocka, scrapes a real socket), and metrics_e2e: router + experts
-# started with --metrics-listen 127.0.0.1:0, a case answered, both endpoints scraped.
+# common/ (metrics and logs; docs/ARCHITECTURE.md, "Observability"): the Prometheus registry +
+# HTTP endpoint and the log module (test_metrics, cmocka, scrapes a real socket), and
+# metrics_e2e: router + experts started with --metrics-listen 127.0.0.1:0, a case answered,
+# both endpoints scraped.
 if(TARGET mm_common)
   add_executable(test_metrics ${CMAKE_CURRENT_SOURCE_DIR}/test_metrics.c)
   target_link_libraries(test_metrics PRIVATE mm_common PkgConfig::CMOCKA)

@@ -1,6 +1,7 @@
-# Distributed serving (issue 4): black-box tests of medmoe-router + medmoe-expert as real
-# processes on 127.0.0.1 (ephemeral ports, --endpoint-file), compared with medmoe-run on the
-# same tiny checkpoint by tests/reference/compare.py. Driver: tests/distributed/dist_test.py
+# Distributed serving (docs/ARCHITECTURE.md, "Router ↔ expert wire"): black-box tests of
+# medmoe-router + medmoe-expert as real processes on 127.0.0.1 (ephemeral ports,
+# --endpoint-file), compared with medmoe-run on the same tiny checkpoint by
+# tests/reference/compare.py. Driver: tests/distributed/dist_test.py
 # (one scenario per ctest; every process killed at the end, every wait bounded).
 # Registered only once both programs exist, so the tree builds while they are missing.
 if(TARGET medmoe-router AND TARGET medmoe-expert AND TARGET medmoe-run)

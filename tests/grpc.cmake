@@ -1,7 +1,8 @@
-# The gRPC front door (issue 5): black-box tests of medmoe-router --grpc-listen with real
-# medmoe-expert processes on 127.0.0.1 (ephemeral ports), through the three clients: the C
-# CLI `medmoe`, clients/python (python3-grpcio, stubs generated into the build tree) and
-# clients/node (@grpc/grpc-js, `npm ci` into the build tree by the grpc_node_deps fixture).
+# The gRPC front door (docs/ARCHITECTURE.md, "The gRPC front door"): black-box tests of
+# medmoe-router --grpc-listen with real medmoe-expert processes on 127.0.0.1 (ephemeral ports),
+# through the three clients: the C CLI `medmoe`, clients/python (python3-grpcio, stubs
+# generated into the build tree) and clients/node (@grpc/grpc-js, `npm ci` into the build tree
+# by the grpc_node_deps fixture).
 # Answers are compared with medmoe-run --json on the same case. Driver:
 # tests/grpc/grpc_test.py (one scenario per ctest; every process killed at the end, every
 # wait bounded). Registered only once the programs exist, so the tree builds without them.

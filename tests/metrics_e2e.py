@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Metrics and logs end to end (issue 6): medmoe-router + 4 medmoe-expert processes started with
+"""Metrics and logs end to end (docs/ARCHITECTURE.md, "Observability"): medmoe-router + 4 medmoe-expert processes started with
 --metrics-listen 127.0.0.1:0 (--metrics-port-file), a case answered, then both kinds of
 /metrics endpoint scraped over HTTP and their series checked for presence and sane values.
 

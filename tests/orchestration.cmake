@@ -1,5 +1,6 @@
-# Orchestration (issue 6): orchestration/medmoe-cluster (local launcher + supervisor), the
-# Kubernetes manifests, and multi-host serving across network namespaces. Drivers in
+# Orchestration (docs/ARCHITECTURE.md, "Orchestration"): orchestration/medmoe-cluster (local
+# launcher + supervisor), the Kubernetes manifests, and multi-host serving across network
+# namespaces. Drivers in
 # tests/orchestration/ (each bounds every wait and stops every process it started):
 #   orch_cluster    up -> status -> a case over gRPC (= medmoe-run) -> kill -9 an expert ->
 #                   supervisor restarts it -> scale 1 -> 2 -> 1 under load (no case fails) -> down

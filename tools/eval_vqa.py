@@ -20,7 +20,7 @@ Data formats (--format auto looks at the file):
 Images are looked up relative to --images (default: the data file's folder).
 Items with no answer_type: CLOSED when the answer is yes/no, else OPEN.
 
-Metrics (MODEL.md "Evaluation, as in the paper"; LLaVA-Med's script, re-implemented):
+Metrics (docs/MODEL.md "Evaluation, as in the paper"; LLaVA-Med's script, re-implemented):
   closed  accuracy: the lower-cased ground truth is a substring of the lower-cased prediction
   open    recall of the ground truth's unigrams in the prediction after normalisation
           (lower case, number words -> digits, punctuation -> space; hyphens kept), plus

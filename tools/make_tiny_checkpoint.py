@@ -11,7 +11,7 @@ DIR gets config.json (MoE-LLaVA style), model.safetensors (or N shards plus
 model.safetensors.index.json), the tokenizer (tools/make_tokenizer.py: StableLM → the
 "cl100k" flavour, Phi → "gpt2") and DIR/clip/, a separate CLIP vision tower
 (config.json as HF CLIPVisionConfig + model.safetensors with vision_model.* tensors).
-Tensor names follow /work/shared/MODEL.md, "Tensor names and config keys".
+Tensor names follow docs/MODEL.md, "Tensor names and config keys".
 
 The weights are random but NOT degenerate, so that a numerical bug changes the answer:
   * modality structure: the projector's last bias adds a large "image" direction u_img

@@ -23,11 +23,11 @@ tools/make_tiny_checkpoint.py writes it):
                      flavour of tools/make_tokenizer.py) padded to a multiple of 64
   MoE                layers [0, 2]: gate Linear(128, 4) with bias, 4 domain experts + meta
                      expert (same SwiGLU shape), top-1; y = meta(x) + p[e*] * expert_e*(x)
-                     (MODEL.md "Gating at inference": un-renormalised softmax probability)
+                     (docs/MODEL.md "Gating at inference": un-renormalised softmax probability)
   Expert e is modality e in demo_data.MODALITIES order: ct, mri, x-ray, pathology
   (config.json moe.expert_names).
 
-Stages (MODEL.md "What the experts are"; nothing is pretrained here, so every stage
+Stages (docs/MODEL.md "What the experts are"; nothing is pretrained here, so every stage
 trains the LM too, unlike the paper where stage 1 trains only the projector):
   1 alignment      tower + projector + LM on captions ("This is a CT image with ...")
   2 instruction    dense model on the VQA data (3 question draws per image); a router Linear(128, 4) with bias learns

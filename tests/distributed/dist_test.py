@@ -1,6 +1,7 @@
 #!/usr/bin/python3
-"""Black-box tests of distributed serving (issue 4): medmoe-router + medmoe-expert processes
-on 127.0.0.1 (ephemeral ports) against medmoe-run on the same tiny checkpoint.
+"""Black-box tests of distributed serving (docs/ARCHITECTURE.md, "Router ↔ expert wire"):
+medmoe-router + medmoe-expert processes on 127.0.0.1 (ephemeral ports) against medmoe-run on
+the same tiny checkpoint.
 
     dist_test.py --scenario NAME --router BIN --expert BIN --run BIN [--keygen BIN]
                  --model DIR --image PNG --workdir DIR [--maker make_tiny_checkpoint.py]

@@ -1,5 +1,6 @@
 #!/usr/bin/python3
-"""Process harness for the distributed-serving tests and benchmark (issue 4).
+"""Process harness for the distributed-serving tests and benchmark (docs/ARCHITECTURE.md,
+"Router ↔ expert wire").
 
 Starts medmoe-router / medmoe-expert as real processes on 127.0.0.1 with ephemeral
 ports, talks to the router over its --cases stdin / stdout JSON lines, computes the

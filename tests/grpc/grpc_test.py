@@ -1,5 +1,6 @@
 #!/usr/bin/python3
-"""Black-box tests of medmoe-router's gRPC front door (issue 5), one scenario per ctest.
+"""Black-box tests of medmoe-router's gRPC front door (docs/ARCHITECTURE.md, "The gRPC front
+door"), one scenario per ctest.
 
     grpc_test.py --scenario NAME --router BIN --expert BIN --run BIN --cli BIN
                  --model DIR --image PNG --workdir DIR [--node-modules DIR] [--keygen BIN]

@@ -1,5 +1,6 @@
 #!/usr/bin/python3
-"""Harness for the gRPC front-door tests and benchmark (issue 5).
+"""Harness for the gRPC front-door tests and benchmark (docs/ARCHITECTURE.md, "The gRPC
+front door").
 
 Builds on tests/distributed/distlib.py (process groups, bounded waits, log tails, cleanup,
 medmoe-run references): a GrpcCluster is a distlib.Cluster whose router serves gRPC

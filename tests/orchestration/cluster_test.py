@@ -240,7 +240,7 @@ def main():
         if not st["up"] or len(st["processes"]) != 5 or not all(p["alive"] for p in st["processes"]):
             raise Fail("status after up: %s" % json.dumps(st))
         view = st["router_view"]
-        if view["source"] != "grpc" or view["health"] != "SERVING" or view["live"] != [1, 1, 1, 1]:
+        if view["source"] != "metrics" or view["health"] != "SERVING" or view["live"] != [1, 1, 1, 1]:
             raise Fail("router's view after up: %s" % view)
         log("status: %s; router's view %s" % (names, view))
 

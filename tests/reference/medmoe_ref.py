@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Independent PyTorch oracle for the Med-MoE forward pass (written from MODEL.md).
+"""Independent PyTorch oracle for the Med-MoE forward pass (written from docs/MODEL.md).
 
     medmoe_ref.py --model DIR --vision DIR --image FILE --question TEXT
                   [--max-tokens 16] [--candidates a,b,c] [--no-pad] [--template T]
@@ -198,7 +198,7 @@ class MedMoE:
         return linear(h, t[prefix + ".fc2.weight"], t[prefix + ".fc2.bias"])
 
     def moe(self, x, i, route_log, gate_gaps):
-        """MODEL.md 'Gating at inference'. x [T, H] (normalised hidden state)."""
+        """docs/MODEL.md 'Gating at inference'. x [T, H] (normalised hidden state)."""
         t = self.t
         P = "model.layers.%d.mlp." % i
         wg = t[P + "deepspeed_moe.gate.wg.weight"]
