@@ -1,6 +1,8 @@
 /* medmoe-run — the whole engine in one process: load a Med-MoE checkpoint
  * and its CLIP tower, answer one case (an image and a question), or rank
- * candidate answers. The numerical reference the distributed path equals.
+ * candidate answers. The case runs through the same scheduler as the
+ * router's (engine/scheduler.h), driven on this thread with the image done
+ * inline: the numerical reference the distributed path equals.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -9,9 +11,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "case.h"
-#include "generate.h"
+#include "clock.h"
 #include "medmoe.h"
+#include "result.h"
+#include "scheduler.h"
 #include "tokenizer.h"
 
 static void usage(FILE *f) {
@@ -121,6 +124,73 @@ static int parse_args(int argc, char **argv, run_args *a) {
     return 0;
 }
 
+/* The case's outcome, filled by on_done. */
+typedef struct s_outcome {
+    int done, status;
+    char message[1024];
+    mm_case_result r;
+} s_outcome;
+
+static void s_on_done(void *user, uint64_t id, int status, const char *message,
+                      const mm_case_result *result) {
+    s_outcome *o = user;
+    o->done = 1;
+    o->status = status;
+    snprintf(o->message, sizeof o->message, "%s", message ? message : "");
+    if (status == MM_OK && mm_case_result_copy(&o->r, result) != MM_OK) {
+        o->status = MM_ENOMEM;
+        snprintf(o->message, sizeof o->message, "out of memory copying the result");
+    }
+    (void)id;
+}
+
+static int s_read_file(const char *path, unsigned char **out, size_t *len, char *err,
+                       size_t errlen) {
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return mm_errorf(err, errlen, MM_EIO, "%s: %s", path, strerror(errno));
+    unsigned char *buf = NULL;
+    size_t n = 0, cap = 0;
+    for (;;) {
+        if (cap - n < 65536) {
+            size_t nc = cap ? 2 * cap : 65536;
+            unsigned char *nb = realloc(buf, nc);
+            if (!nb) {
+                free(buf);
+                fclose(f);
+                return mm_errorf(err, errlen, MM_ENOMEM, "%s: out of memory", path);
+            }
+            buf = nb;
+            cap = nc;
+        }
+        size_t got = fread(buf + n, 1, cap - n, f);
+        n += got;
+        if (got == 0)
+            break;
+    }
+    int bad = ferror(f);
+    fclose(f);
+    if (bad) {
+        free(buf);
+        return mm_errorf(err, errlen, MM_EIO, "%s: read error", path);
+    }
+    *out = buf;
+    *len = n;
+    return MM_OK;
+}
+
+/* Each generated token's logits, float32 [n_tokens, vocab]. */
+static int s_dump_logits(const char *path, const mm_case_result *r, char *err, size_t errlen) {
+    FILE *f = fopen(path, "wb");
+    int ok = f && (r->n_tokens == 0 ||
+                   fwrite(r->logits, sizeof(float) * r->vocab, r->n_tokens, f) == r->n_tokens);
+    if (f && fclose(f) != 0)
+        ok = 0;
+    if (!ok)
+        return mm_errorf(err, errlen, MM_EIO, "%s: cannot write logits: %s", path, strerror(errno));
+    return MM_OK;
+}
+
 int main(int argc, char **argv) {
     run_args a;
     int rc = parse_args(argc, argv, &a);
@@ -131,6 +201,7 @@ int main(int argc, char **argv) {
     mm_model *m = NULL;
     mm_tokenizer *tok = NULL;
     json_t *out = NULL;
+    mm_sched *sched = NULL;
     int status = 1;
 
     double t0 = mm_now_ms();
@@ -148,9 +219,23 @@ int main(int argc, char **argv) {
         fprintf(stderr, "medmoe-run: warning: %s\n", mm_model_warnings(m));
     double load_ms = mm_now_ms() - t0;
 
-    mm_case_request q;
-    mm_case_request_default(&q);
-    q.image_path = a.image;
+    unsigned char *image = NULL;
+    size_t image_len = 0;
+    if (a.image && (rc = s_read_file(a.image, &image, &image_len, err, sizeof err)) != MM_OK)
+        goto fail;
+    mm_sched_options so;
+    mm_sched_options_default(&so);
+    so.image_workers = 0; /* one case: decode inline, encode at admission */
+    if ((rc = mm_sched_new(m, tok, &so, &sched, err, sizeof err)) != MM_OK) {
+        free(image);
+        goto fail;
+    }
+    s_outcome oc = {0};
+    mm_sched_request q;
+    mm_sched_request_default(&q);
+    q.tenant = "local";
+    q.image_bytes = image;
+    q.image_len = image_len;
     q.max_pixels = a.max_pixels;
     q.no_pad = a.no_pad;
     q.question = a.question;
@@ -161,34 +246,58 @@ int main(int argc, char **argv) {
     q.temperature = a.temperature;
     q.top_p = a.top_p;
     q.seed = a.seed;
-    q.dump_logits = a.dump_logits;
-    if ((rc = mm_case_answer(m, tok, &q, &out, err, sizeof err)) != MM_OK)
+    q.keep_logits = a.dump_logits != NULL;
+    q.on_done = s_on_done;
+    q.user = &oc;
+    uint64_t id;
+    rc = mm_sched_submit(sched, &q, &id, err, sizeof err);
+    free(image);
+    if (rc != MM_OK && a.image && strncmp(err, "image", 5) == 0) { /* name the file */
+        char sub[sizeof err];
+        snprintf(sub, sizeof sub, "%s", err);
+        snprintf(err, sizeof err, "%.300s: %.700s", a.image, sub);
+    }
+    if (rc != MM_OK)
+        goto fail;
+    while (!oc.done && (rc = mm_sched_step(sched, err, sizeof err)) == MM_OK) {
+    }
+    if (rc == MM_OK && oc.status != MM_OK)
+        rc = mm_errorf(err, sizeof err, oc.status, "%s", oc.message);
+    if (rc != MM_OK)
+        goto fail;
+    if (a.dump_logits && (rc = s_dump_logits(a.dump_logits, &oc.r, err, sizeof err)) != MM_OK)
         goto fail;
     if (a.json) {
+        if (!(out = mm_case_result_json(&oc.r))) {
+            rc = mm_errorf(err, sizeof err, MM_ENOMEM, "out of memory");
+            goto fail;
+        }
+        /* the scheduler's bookkeeping keys are the router's business */
+        json_object_del(out, "case_id");
+        json_object_del(out, "tenant");
+        json_object_del(out, "client_case_id");
         json_object_set_new(out, "load_ms", json_real(load_ms));
         json_object_set_new(out, "backend", json_string(mm_backend_describe(be)));
         json_object_set_new(out, "model", json_string(mm_model_variant(m)));
-        char *s = json_dumps(out, JSON_INDENT(1));
-        if (s)
-            printf("%s\n", s);
-        free(s);
+        char *js = json_dumps(out, JSON_INDENT(1));
+        if (js)
+            printf("%s\n", js);
+        free(js);
     } else if (a.candidates) {
-        size_t i;
-        json_t *c;
-        json_array_foreach(json_object_get(out, "candidates"), i, c) {
-            printf("%-24s p=%.4f  logprob=%.4f\n", json_string_value(json_object_get(c, "text")),
-                   json_real_value(json_object_get(c, "prob")),
-                   json_real_value(json_object_get(c, "logprob")));
-        }
+        for (size_t i = 0; i < oc.r.n_candidates; i++)
+            printf("%-24s p=%.4f  logprob=%.4f\n", oc.r.candidates[i].text, oc.r.candidates[i].prob,
+                   oc.r.candidates[i].logprob);
     } else {
-        printf("%s\n", json_string_value(json_object_get(out, "answer")));
+        printf("%s\n", oc.r.answer);
     }
+    mm_case_result_clear(&oc.r);
     status = 0;
     goto done;
 fail:
     fprintf(stderr, "medmoe-run: %s: %s\n", mm_status_str(rc), err);
 done:
     json_decref(out);
+    mm_sched_destroy(&sched);
     mm_tokenizer_destroy(&tok);
     mm_model_destroy(&m);
     mm_backend_destroy(&be);

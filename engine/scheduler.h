@@ -1,86 +1,93 @@
-/* scheduler.h — continuous batching: many cases from many tenants share one
- * model, one forward step at a time.
+/* scheduler.h — the one engine: continuous batching of many cases from many
+ * tenants over one model. medmoe-run, the router's --cases path and its gRPC
+ * front door all run cases through it, so every test exercises production
+ * code.
  *
- * Offers a queue of cases (image + question, or candidate labels) that the
- * caller drives with mm_sched_step(). Each step
- *   1. fails cases whose deadline has passed (MM_ETIMEOUT),
- *   2. admits waiting cases into free KV-cache slots, round-robin over the
- *      tenants that have cases waiting (FIFO within a tenant), so a tenant
- *      that floods the queue cannot starve another, and runs the vision
- *      tower of each newly admitted case,
- *   3. runs ONE mm_model_forward over the decode row of every generating case
- *      plus prompt chunks of the cases still prefilling (at most
- *      prefill_chunk rows of one case, max_step_rows rows in all; the
- *      prefill share rotates between cases from step to step),
- *   4. picks each case's next token (greedy, or its own seeded sampler, over
- *      the first mm_tokenizer_size ids), streams it, and finishes a case at
- *      EOS or max_tokens; its slot is free for the next step.
- * A case's tokens, routing and candidates equal what mm_case_answer returns
- * for the same request alone (up to the last bits of batched matmuls, which
- * the tiny test checkpoints' margins absorb).
+ * A case goes through three stages:
+ *   image   decode, pad/resize/normalise and the vision tower + projector, on
+ *           a bounded pool of image workers (options.image_workers) under a
+ *           memory budget in decoded pixels (options.pixel_budget), taken
+ *           round-robin over tenants. Nothing here waits for the model's
+ *           step loop, and the step loop never waits for an image: a 30 s
+ *           encode delays that case only. (With image_workers 0 the image is
+ *           decoded in submit and encoded at admission, on the caller's
+ *           thread: the single-threaded mode of medmoe-run and the unit tests.)
+ *           The vision tower runs on a worker only when the backend allows
+ *           concurrent use (cpu); on vulkan it runs on the engine thread
+ *           between steps.
+ *   waiting a KV-cache slot: admission round-robin over the tenants that have
+ *           cases ready (FIFO within a tenant), so a tenant that floods the
+ *           queue cannot starve another.
+ *   running each step runs ONE mm_model_forward over the decode row of every
+ *           generating case plus prompt chunks of the cases still prefilling
+ *           (at most prefill_chunk rows of one case, max_step_rows in all; the
+ *           prefill share rotates between cases from step to step); each case
+ *           picks its next token (greedy, or its own seeded sampler, over the
+ *           first mm_tokenizer_size ids), streams it, and finishes at EOS or
+ *           max_tokens. Candidates are then scored (classification).
+ * A step that fails (e.g. an expert with no live replica) is retried for each
+ * of its cases alone, so only the cases that needed the failing part fail:
+ * rows are idempotent (a row writes the KV cache at its own position).
  *
- * Classification (candidates): the case is prefilled and generates its
- * max_tokens (often 0) like any other, then its candidates are scored with
- * mm_classify in its own slot, synchronously inside that step (one forward
- * per candidate, exactly as mm_case_answer does): simple and exact, at the
- * cost of holding the other cases for those forwards.
- *
- * Threading: none. The scheduler is single-threaded by design: the caller's
- * one engine thread calls submit, cancel and step (the gRPC server does so
- * from its engine loop), and every callback runs on that thread, inside
- * mm_sched_step / mm_sched_cancel / mm_sched_destroy. Callbacks must not call
- * back into the scheduler (such calls fail with MM_EAGAIN).
+ * Threads: mm_sched_start() runs the step loop on an engine thread of its own;
+ * without it the caller drives mm_sched_step(). submit, cancel, the counters
+ * and destroy may be called from any thread. Callbacks run on the engine
+ * thread, an image worker (a case whose image fails) or the thread calling
+ * cancel/destroy — never with the scheduler's lock held and never two at once
+ * for the same case. A callback must not call mm_sched_step or
+ * mm_sched_destroy; submit and cancel from a callback are fine.
  *
  * Every accepted case gets exactly one on_done call:
- *   MM_OK           result holds the answer (keys below)
+ *   MM_OK           result holds the answer (borrowed, valid during the call;
+ *                   mm_case_result_copy to keep it)
  *   MM_ETIMEOUT     "deadline exceeded" (waiting or running)
- *   MM_ECANCELLED   "cancelled" (from mm_sched_cancel, called before it returns)
+ *   MM_ECANCELLED   "cancelled" (mm_sched_cancel)
  *   MM_EAGAIN       "shutting down" (mm_sched_destroy)
+ *   MM_EINVAL       the image could not be decoded (message names it)
  *   anything else   the model's error for the step the case was in (e.g.
- *                   MM_ETIMEOUT from a distributed expert runner); the
- *                   other cases carry on
+ *                   MM_ETIMEOUT from a distributed expert runner, naming the
+ *                   expert); the other cases carry on
  * Rejected submissions (mm_sched_submit != MM_OK) get no callback.
- *
- * The result (borrowed: valid during on_done; json_incref to keep it) has
- * mm_case_answer's keys — answer, tokens, prompt_len, image_start,
- * image_len, routing, expert_summary, vision_ms, prefill_ms,
- * decode_ms_per_token, and with candidates: candidates [{text, logprob,
- * prob}] ranked, classify_ms — plus case_id, tenant, client_case_id,
- * queue_ms (submit to admission), ttft_ms (submit to first token; 0 when
- * none), total_ms, steps (forward steps the case took part in).
  *
  *     mm_sched_options so;  mm_sched_options_default(&so);
  *     mm_sched *s;  char err[512];
  *     if (mm_sched_new(model, tok, &so, &s, err, sizeof err)) {...}
+ *     if (mm_sched_start(s, err, sizeof err)) {...}        // engine thread
  *     mm_sched_request r;  mm_sched_request_default(&r);
  *     r.tenant = "hospital-a";  r.question = "Is there a lesion?";
  *     r.image_bytes = png;  r.image_len = n;  r.media_type = "image/png";
  *     r.on_token = my_token;  r.on_done = my_done;  r.user = call;
  *     uint64_t id;
  *     if (mm_sched_submit(s, &r, &id, err, sizeof err)) {... reject ...}
- *     while (mm_sched_pending(s) + mm_sched_active(s) > 0)
- *         mm_sched_step(s, err, sizeof err);
- *     mm_sched_destroy(&s);
+ *     ...
+ *     mm_sched_destroy(&s);   // stops the threads, ends what is left
  */
 #ifndef MM_SCHEDULER_H
 #define MM_SCHEDULER_H
 
-#include <jansson.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #include "medmoe.h"
+#include "result.h"
 #include "tokenizer.h"
 
 typedef struct mm_sched mm_sched;
 
 typedef struct mm_sched_options {
-    size_t max_step_rows; /* token rows per forward step (default 512); must be
-                             >= mm_model_n_slots (every decode row fits)       */
-    size_t prefill_chunk; /* prompt rows of one case per step (default 256)    */
-    size_t max_queued;    /* waiting cases at most (default 256); each holds
-                             its preprocessed image, 3*S*S floats (1.3 MiB at
-                             S = 336), until it is admitted                    */
+    size_t max_step_rows;         /* token rows per forward step (default 512); must be
+                                     >= mm_model_n_slots (every decode row fits)       */
+    size_t prefill_chunk;         /* prompt rows of one case per step (default 256)    */
+    size_t max_queued;            /* cases not yet running at most (default 256); each
+                                     holds its image bytes, then its embeddings
+                                     (image_tokens * hidden floats) until admitted      */
+    int image_workers;            /* image threads (default 1); 0: inline (see top)    */
+    size_t pixel_budget;          /* decoded source pixels in the image stage at once
+                                     (default 64 Mi = 256 MiB of RGBA-sized buffers);
+                                     an image larger than the budget alone runs when
+                                     nothing else is in the stage                      */
+    double debug_vision_delay_ms; /* tests: sleep this long in each vision
+                                     encode (default 0)                         */
 } mm_sched_options;
 
 void mm_sched_options_default(mm_sched_options *o);
@@ -95,12 +102,13 @@ typedef void (*mm_sched_token_fn)(void *user, uint64_t case_id, const char *piec
                                   int32_t token);
 /* status: see above; message: "" on MM_OK; result: NULL unless MM_OK. */
 typedef void (*mm_sched_done_fn)(void *user, uint64_t case_id, int status, const char *message,
-                                 json_t *result);
+                                 const mm_case_result *result);
 
 typedef struct mm_sched_request {
     const char *tenant;                /* required, non-empty; copied               */
     const char *client_case_id;        /* echoed in the result; may be NULL; copied */
-    const void *image_bytes;           /* encoded PNG/JPEG, or NULL for text only    */
+    const void *image_bytes;           /* encoded PNG/JPEG, or NULL for text only;
+                                          copied                                   */
     size_t image_len;                  /* bytes at image_bytes                       */
     const char *media_type;            /* "image/png", "image/jpeg", NULL = sniff    */
     size_t max_pixels;                 /* 0 = image.c's default                      */
@@ -116,6 +124,7 @@ typedef struct mm_sched_request {
     float top_p;                       /* default 1                                  */
     uint64_t seed;                     /* sampling seed                              */
     double deadline_ms;                /* on mm_now_ms()'s clock; 0 = none           */
+    int keep_logits;                   /* 1: result.logits holds each token's row   */
     mm_sched_token_fn on_token;        /* may be NULL                                */
     mm_sched_done_fn on_done;          /* required                                   */
     void *user;                        /* passed to both callbacks                   */
@@ -125,39 +134,54 @@ typedef struct mm_sched_request {
 void mm_sched_request_default(mm_sched_request *r);
 
 /* The scheduler uses all mm_model_n_slots(m) slots of m; m and tok must
- * outlive it, and nothing else may run m while it exists. */
+ * outlive it, and nothing else may run m while it exists. Starts the image
+ * workers (not the engine thread: mm_sched_start). */
 int mm_sched_new(mm_model *m, const mm_tokenizer *tok, const mm_sched_options *o, mm_sched **out,
                  char *err, size_t errlen);
 
-/* Finishes every outstanding case with MM_EAGAIN "shutting down", frees the
- * scheduler and sets *s = NULL; NULL and *s == NULL are fine. */
+/* Run the step loop on an engine thread of its own until destroy. After
+ * this, mm_sched_step must not be called. MM_EINVAL if already started. */
+int mm_sched_start(mm_sched *s, char *err, size_t errlen);
+
+/* Stops the engine thread and the image workers (a step in progress ends
+ * first), finishes every outstanding case with MM_EAGAIN "shutting down",
+ * frees the scheduler and sets *s = NULL; NULL and *s == NULL are fine. */
 void mm_sched_destroy(mm_sched **s);
 
-/* Validate and queue a case: the question is tokenised, the image decoded
- * and preprocessed, the candidates tokenised now, so a bad request is
- * rejected here and never reaches a step. Errors: MM_EINVAL naming the
- * field (tenant, question, image, conv_mode, candidates, max_tokens,
- * temperature, top_p, on_done; a prompt longer than the model's context),
- * MM_ETIMEOUT when the deadline has already passed, MM_EAGAIN when
- * max_queued cases are waiting, MM_ENOMEM. *case_id (> 0) names the case. */
+/* Validate and queue a case: the question is tokenised, the candidates
+ * tokenised, the image header checked (format, size, max_pixels) now, so a
+ * bad request is rejected here and never reaches a step (with image_workers
+ * 0 the image is also decoded here). Errors: MM_EINVAL naming the field
+ * (tenant, question, image, conv_mode, candidates, max_tokens, temperature,
+ * top_p, on_done; a prompt longer than the model's context), MM_ETIMEOUT
+ * when the deadline has already passed, MM_EAGAIN when max_queued cases are
+ * not yet running, MM_ENOMEM. *case_id (> 0) names the case. */
 int mm_sched_submit(mm_sched *s, const mm_sched_request *r, uint64_t *case_id, char *err,
                     size_t errlen);
 
-/* Drop a waiting or running case at once: its slot (and so its KV cache) is
- * free for the next step's admission; on_done(MM_ECANCELLED, "cancelled") is called
- * before this returns. MM_ENOTFOUND when no such case is outstanding. */
+/* Drop a case: its slot (and so its KV cache) is free for the next step's
+ * admission. A case that is idle (queued, waiting for a slot) gets
+ * on_done(MM_ECANCELLED, "cancelled") before this returns; one that is in a
+ * step or an image worker right now gets it as soon as that ends. MM_OK, or
+ * MM_ENOTFOUND when no such case is outstanding. */
 int mm_sched_cancel(mm_sched *s, uint64_t case_id);
 
-/* One scheduling step (see the top). Returns MM_OK also when cases failed
- * (their on_done says why); an error only when the scheduler itself could not
- * run the step (then no case was touched). Does nothing without work. */
+/* One scheduling step (see the top), for callers without mm_sched_start.
+ * Returns MM_OK also when cases failed (their on_done says why); an error
+ * only when the scheduler itself could not run the step. Does nothing
+ * without work. */
 int mm_sched_step(mm_sched *s, char *err, size_t errlen);
 
-/* Cases waiting for a slot / holding a slot. */
+/* Block until a case is ready to run or running, or ms pass (engine-less
+ * callers: the image workers may be busy). Returns 1 when there is step work. */
+int mm_sched_wait_work(mm_sched *s, int ms);
+
+/* Cases not yet running (image stage + waiting for a slot) / holding a slot. */
 size_t mm_sched_pending(const mm_sched *s);
 size_t mm_sched_active(const mm_sched *s);
 
-/* One tenant's waiting and running cases (for quotas); 0, 0 if unknown. */
+/* One tenant's cases not yet running and running (for quotas); 0, 0 if
+ * unknown. */
 void mm_sched_tenant_load(const mm_sched *s, const char *tenant, size_t *waiting, size_t *active);
 
 /* Forward steps run so far (failed ones included). */

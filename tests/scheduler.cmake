@@ -1,9 +1,15 @@
 # tests/scheduler.cmake — the continuous-batching scheduler (engine/scheduler.c):
-# equivalence with mm_case_answer for many concurrent cases, streaming, tenant
+# equivalence with the sequential oracle (tests/oracle) for many concurrent cases, streaming, tenant
 # fairness, cancel, deadlines, bad requests, a failing forward step, shutdown.
 # Runs on the tiny checkpoints of tests/model_equivalence.cmake.
+# tests/oracle/ is the sequential reference the scheduler is checked against
+# (one case at a time, prompt in one step); production code never links it.
+add_library(mm_seq_oracle STATIC ${CMAKE_CURRENT_SOURCE_DIR}/oracle/seq_case.c
+                                 ${CMAKE_CURRENT_SOURCE_DIR}/oracle/seq_generate.c)
+target_include_directories(mm_seq_oracle PUBLIC ${CMAKE_CURRENT_SOURCE_DIR}/oracle)
+target_link_libraries(mm_seq_oracle PUBLIC mm_engine m)
 add_executable(test_scheduler ${CMAKE_CURRENT_SOURCE_DIR}/test_scheduler.c)
-target_link_libraries(test_scheduler PRIVATE mm_engine m)
+target_link_libraries(test_scheduler PRIVATE mm_seq_oracle m)
 
 # -residual stops at EOS after 3 tokens; -top2 routes each row to 2 experts.
 foreach(name stablelm-f32 phi-f32 stablelm-f32-residual stablelm-f32-top2)

@@ -1,6 +1,10 @@
-/* generate.h — one case through the model: prefill, decode, classify.
+/* seq_generate.h — the TEST ORACLE: one case through the model, sequentially
+ * (prefill in one step, decode one by one, classification by one full
+ * forward per candidate), written independently of engine/scheduler.c so
+ * that the scheduler's batched, chunked, interleaved rows can be checked
+ * against it. Production code never links this.
  *
- * The sequence-level loop shared by medmoe-run and the tests: the prompt
+ * The loop: the prompt
  * (text before the image, the image embeddings, text after) is prefilled in
  * one forward step, then tokens are decoded one by one (greedy by default,
  * or temperature / top-p sampling with a seed) until EOS or max_tokens.
@@ -14,14 +18,15 @@
  *     if (mm_generate(m, 0, &in, &g, &r, err, sizeof err) == MM_OK) ... r.tokens ...
  *     mm_gen_result_clear(&r);
  */
-#ifndef MM_GENERATE_H
-#define MM_GENERATE_H
+#ifndef MM_SEQ_GENERATE_H
+#define MM_SEQ_GENERATE_H
 
 #include <stddef.h>
 #include <stdint.h>
 
 #include "clock.h"
 #include "medmoe.h"
+#include "sample.h"
 
 typedef struct mm_prompt_input {
     const int32_t *before; /* [n_before] ids before the image (or the whole text) */
@@ -31,18 +36,6 @@ typedef struct mm_prompt_input {
     const int32_t *after; /* [n_after] ids after the image */
     size_t n_after;
 } mm_prompt_input;
-
-typedef struct mm_gen_params {
-    int max_tokens;    /* stop after this many generated tokens (default 64)  */
-    float temperature; /* 0: greedy (default)                                  */
-    float top_p;       /* nucleus mass when sampling (default 1)               */
-    uint64_t seed;     /* sampling seed                                        */
-    int32_t eos;       /* stop token id, < 0: none                             */
-    size_t n_scored;   /* logits rows that may be chosen: len(tokenizer)       */
-    int keep_logits;   /* 1: keep each step's logits in the result             */
-} mm_gen_params;
-
-void mm_gen_params_default(mm_gen_params *g);
 
 typedef struct mm_gen_result {
     int32_t *tokens; /* [n_tokens] generated ids (EOS included when hit)    */
@@ -57,13 +50,6 @@ typedef struct mm_gen_result {
 } mm_gen_result;
 
 void mm_gen_result_clear(mm_gen_result *r);
-
-/* Choose the next token from logits[0..n): greedy (the first maximum) when
- * g->temperature is 0, else a draw from softmax(logits / T) cut to the
- * smallest set with mass >= top_p, advancing *rng. work, order: [n]
- * scratch. Every path that samples uses this, so seeded runs agree. */
-int32_t mm_gen_pick(const float *logits, size_t n, const mm_gen_params *g, uint64_t *rng,
-                    float *work, int32_t *order);
 
 /* Generate in KV-cache slot `slot`. */
 int mm_generate(mm_model *m, int slot, const mm_prompt_input *in, const mm_gen_params *g,

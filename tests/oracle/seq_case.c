@@ -1,5 +1,5 @@
 /* case.c — one case end to end (see case.h). */
-#include "case.h"
+#include "seq_case.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -7,23 +7,14 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "generate.h"
 #include "image.h"
 #include "prompt.h"
+#include "seq_generate.h"
 
 void mm_case_request_default(mm_case_request *q) {
     memset(q, 0, sizeof *q);
     q->max_tokens = 64;
     q->top_p = 1.0f;
-}
-
-char *mm_case_strip(char *s) {
-    while (*s && isspace((unsigned char)*s))
-        s++;
-    size_t n = strlen(s);
-    while (n && isspace((unsigned char)s[n - 1]))
-        s[--n] = 0;
-    return s;
 }
 
 static int s_cmp_cand(const void *a, const void *b) {

@@ -1,5 +1,5 @@
-/* case.h — one case (image + question, or candidate labels) answered end to
- * end: image decode and preprocessing, vision tower, prompt, generation or
+/* seq_case.h — TEST ORACLE (see seq_generate.h): one case (image + question, or candidate labels)
+ * answered end to end: image decode and preprocessing, vision tower, prompt, generation or
  * classification, and the JSON answer. medmoe-run and medmoe-router's
  * file/CLI path both call this, so their outputs compare key by key.
  *
@@ -17,15 +17,17 @@
  * {load_ms?, vision_ms, prefill_ms, decode_ms_per_token}; with candidates:
  * candidates [{text, logprob, prob}] ranked, answer = the first.
  */
-#ifndef MM_CASE_H
-#define MM_CASE_H
+#ifndef MM_SEQ_CASE_H
+#define MM_SEQ_CASE_H
 
 #include <jansson.h>
+
+#include "result.h"
 #include <stddef.h>
 #include <stdint.h>
 
-#include "generate.h"
 #include "medmoe.h"
+#include "seq_generate.h"
 #include "tokenizer.h"
 
 typedef struct mm_case_request {
@@ -65,8 +67,5 @@ void mm_case_routing_json(const mm_config *c, const int32_t *routing, size_t str
 /* Sort cands by logprob (descending) and write "candidates" and
  * "classify_ms". */
 void mm_case_candidates_json(mm_candidate *cands, size_t n, double classify_ms, json_t *out);
-/* Python's str.strip() for ASCII whitespace, in place; returns s moved
- * past the leading whitespace. */
-char *mm_case_strip(char *s);
 
 #endif
