@@ -138,6 +138,8 @@ typedef struct s_png_ctx {
     size_t pos;          /* read cursor */
     png_structp png;
     png_infop info;
+    int probe;       /* 1: stop after the header (mm_image_probe) */
+    size_t w, h;     /* the header's dimensions, once read */
     mm_image *img;   /* result under construction */
     png_bytep *rows; /* [height] pointers into img->rgb, or into wide */
     uint8_t *wide;   /* [height, width, channels] when alpha must be dropped */
@@ -191,6 +193,10 @@ static int s_png_run(s_png_ctx *c, size_t max_pixels) {
     png_uint_32 w, h;
     int depth, ctype, interlace;
     png_get_IHDR(c->png, c->info, &w, &h, &depth, &ctype, &interlace, NULL, NULL);
+    c->w = w;
+    c->h = h;
+    if (c->probe)
+        return MM_OK;
     int rc = s_check_dims(w, h, max_pixels, "PNG", c->err, c->errlen);
     if (rc != MM_OK)
         return rc;
@@ -262,6 +268,19 @@ static int s_decode_png(const uint8_t *b, size_t n, size_t max_pixels, mm_image 
     return rc;
 }
 
+/* The IHDR's dimensions through libpng's png_read_info (which validates the
+ * header and its CRC); no pixel memory is allocated. */
+static int s_probe_png(const uint8_t *b, size_t n, size_t *w, size_t *h, char *err, size_t errlen) {
+    s_png_ctx c = {.data = b, .n = n, .probe = 1, .err = err, .errlen = errlen};
+    int rc = s_png_run(&c, 0);
+    png_destroy_read_struct(c.png ? &c.png : NULL, c.info ? &c.info : NULL, NULL);
+    if (rc == MM_OK) {
+        *w = c.w;
+        *h = c.h;
+    }
+    return rc;
+}
+
 /* ------------------------------------------------------------------------ */
 /* JPEG (libjpeg-turbo)                                                     */
 /* ------------------------------------------------------------------------ */
@@ -275,8 +294,11 @@ typedef struct s_jpeg_err {
 typedef struct s_jpeg_ctx {
     struct jpeg_decompress_struct cinfo;
     s_jpeg_err jerr;
-    int created;   /* jpeg_create_decompress ran */
-    mm_image *img; /* result under construction */
+    int created;        /* jpeg_create_decompress ran */
+    int probe;          /* 1: stop after the header (mm_image_probe) */
+    size_t target_side; /* > 0: DCT-domain downscale toward this (decode_for) */
+    size_t w, h;        /* the header's (full-size) dimensions, once read */
+    mm_image *img;      /* result under construction */
     char *err;
     size_t errlen;
 } s_jpeg_ctx;
@@ -306,8 +328,11 @@ static int s_jpeg_run(s_jpeg_ctx *c, const uint8_t *b, size_t n, size_t max_pixe
     c->created = 1;
     jpeg_mem_src(&c->cinfo, b, (unsigned long)n);
     jpeg_read_header(&c->cinfo, TRUE);
-    int rc = s_check_dims(c->cinfo.image_width, c->cinfo.image_height, max_pixels, "JPEG", c->err,
-                          c->errlen);
+    c->w = c->cinfo.image_width;
+    c->h = c->cinfo.image_height;
+    int rc = MM_OK;
+    if (!c->probe) /* the limit applies to the full size, scaled decode or not */
+        rc = s_check_dims(c->w, c->h, max_pixels, "JPEG", c->err, c->errlen);
     if (rc != MM_OK)
         return rc;
     switch (c->cinfo.jpeg_color_space) {
@@ -324,9 +349,26 @@ static int s_jpeg_run(s_jpeg_ctx *c, const uint8_t *b, size_t n, size_t max_pixe
                          "JPEG: unsupported colour space %d with %d components",
                          (int)c->cinfo.jpeg_color_space, c->cinfo.num_components);
     }
+    if (c->probe)
+        return MM_OK;
     /* libjpeg's defaults (ISLOW DCT, fancy upsampling, block smoothing) are
      * what PIL uses too; grey -> RGB replicates like PIL's convert. */
     c->cinfo.out_color_space = JCS_RGB;
+    if (c->target_side > 0 && c->target_side <= MM_IMAGE_MAX_SIDE) {
+        /* Opt-in DCT-domain downscale: the largest 1/d (d = 8, 4, 2) whose
+         * output keeps the short side >= 2 * target_side, so the bicubic
+         * resize that follows still has at least 2x oversampling. */
+        size_t want = 2 * c->target_side;
+        for (unsigned d = 8; d >= 2; d /= 2) {
+            c->cinfo.scale_num = 1;
+            c->cinfo.scale_denom = d;
+            jpeg_calc_output_dimensions(&c->cinfo);
+            size_t ow = c->cinfo.output_width, oh = c->cinfo.output_height;
+            if ((ow < oh ? ow : oh) >= want)
+                break;
+            c->cinfo.scale_denom = 1;
+        }
+    }
     jpeg_start_decompress(&c->cinfo);
     if (c->cinfo.output_components != 3)
         return mm_errorf(c->err, c->errlen, MM_EUNSUPPORTED,
@@ -344,7 +386,9 @@ static int s_jpeg_run(s_jpeg_ctx *c, const uint8_t *b, size_t n, size_t max_pixe
     return MM_OK;
 }
 
-static int s_decode_jpeg(const uint8_t *b, size_t n, size_t max_pixels, mm_image **out, char *err,
+/* probe != 0: header only, dimensions into *w, *h (out unused). */
+static int s_decode_jpeg(const uint8_t *b, size_t n, size_t max_pixels, size_t target_side,
+                         int probe, size_t *w, size_t *h, mm_image **out, char *err,
                          size_t errlen) {
     /* Heap, not stack: the context is ~1 KB plus libjpeg's jmp_buf, and it
      * must outlive the setjmp frame inside s_jpeg_run. */
@@ -353,6 +397,8 @@ static int s_decode_jpeg(const uint8_t *b, size_t n, size_t max_pixels, mm_image
         return mm_errorf(err, errlen, MM_ENOMEM, "JPEG: cannot allocate decoder");
     c->err = err;
     c->errlen = errlen;
+    c->probe = probe;
+    c->target_side = target_side;
     if ((unsigned long)n != n) {
         free(c);
         return mm_errorf(err, errlen, MM_EINVAL, "JPEG: %zu bytes is too large", n);
@@ -362,7 +408,12 @@ static int s_decode_jpeg(const uint8_t *b, size_t n, size_t max_pixels, mm_image
         jpeg_destroy_decompress(&c->cinfo);
     if (rc != MM_OK)
         mm_image_destroy(&c->img);
-    *out = c->img;
+    if (probe && rc == MM_OK) {
+        *w = c->w;
+        *h = c->h;
+    }
+    if (out)
+        *out = c->img;
     free(c);
     return rc;
 }
@@ -371,17 +422,16 @@ static int s_decode_jpeg(const uint8_t *b, size_t n, size_t max_pixels, mm_image
 /* Public decoding                                                          */
 /* ------------------------------------------------------------------------ */
 
-int mm_image_decode(const void *bytes, size_t n, const char *media_type, size_t max_pixels,
-                    mm_image **out, char *err, size_t errlen) {
-    if (!out)
-        return mm_errorf(err, errlen, MM_EINVAL, "mm_image_decode: out is NULL");
-    *out = NULL;
+/* Checks the buffer and the media type against the magic bytes; the format
+ * in *fmt. */
+static int s_format_of(const void *bytes, size_t n, const char *media_type, s_format *fmt,
+                       char *err, size_t errlen) {
     if (!bytes || n == 0)
         return mm_errorf(err, errlen, MM_EINVAL, "image: empty buffer (0 bytes)");
     const uint8_t *b = bytes;
-    s_format fmt = s_sniff(b, n);
+    *fmt = s_sniff(b, n);
     char what[160];
-    if (fmt == S_FMT_UNKNOWN) {
+    if (*fmt == S_FMT_UNKNOWN) {
         s_describe_bytes(b, n, what, sizeof what);
         return mm_errorf(err, errlen, MM_EUNSUPPORTED,
                          "image: neither PNG nor JPEG (%zu bytes, %s)", n, what);
@@ -397,13 +447,45 @@ int mm_image_decode(const void *bytes, size_t n, const char *media_type, size_t 
                              "image: unsupported media type \"%s\" (expected image/png or "
                              "image/jpeg)",
                              media_type);
-        if (want != fmt)
+        if (want != *fmt)
             return mm_errorf(err, errlen, MM_EPROTO,
                              "image: media type \"%s\" does not match the content, which is %s",
-                             media_type, fmt == S_FMT_PNG ? "PNG" : "JPEG");
+                             media_type, *fmt == S_FMT_PNG ? "PNG" : "JPEG");
     }
-    return fmt == S_FMT_PNG ? s_decode_png(b, n, max_pixels, out, err, errlen)
-                            : s_decode_jpeg(b, n, max_pixels, out, err, errlen);
+    return MM_OK;
+}
+
+int mm_image_probe(const void *bytes, size_t len, const char *media_type, size_t *width,
+                   size_t *height, char *err, size_t errlen) {
+    if (!width || !height)
+        return mm_errorf(err, errlen, MM_EINVAL, "mm_image_probe: width or height is NULL");
+    *width = *height = 0;
+    s_format fmt;
+    int rc = s_format_of(bytes, len, media_type, &fmt, err, errlen);
+    if (rc != MM_OK)
+        return rc;
+    if (fmt == S_FMT_PNG)
+        return s_probe_png(bytes, len, width, height, err, errlen);
+    return s_decode_jpeg(bytes, len, 0, 0, 1, width, height, NULL, err, errlen);
+}
+
+int mm_image_decode_for(const void *bytes, size_t n, const char *media_type, size_t max_pixels,
+                        size_t target_side, mm_image **out, char *err, size_t errlen) {
+    if (!out)
+        return mm_errorf(err, errlen, MM_EINVAL, "mm_image_decode_for: out is NULL");
+    *out = NULL;
+    s_format fmt;
+    int rc = s_format_of(bytes, n, media_type, &fmt, err, errlen);
+    if (rc != MM_OK)
+        return rc;
+    return fmt == S_FMT_PNG
+               ? s_decode_png(bytes, n, max_pixels, out, err, errlen)
+               : s_decode_jpeg(bytes, n, max_pixels, target_side, 0, NULL, NULL, out, err, errlen);
+}
+
+int mm_image_decode(const void *bytes, size_t n, const char *media_type, size_t max_pixels,
+                    mm_image **out, char *err, size_t errlen) {
+    return mm_image_decode_for(bytes, n, media_type, max_pixels, 0, out, err, errlen);
 }
 
 int mm_image_load_file(const char *path, size_t max_pixels, mm_image **out, char *err,
@@ -548,6 +630,25 @@ static inline uint8_t s_clip8(int64_t ss) {
     return ss > 255 ? 255 : (uint8_t)ss;
 }
 
+/* Identity "weights" for a pass Pillow skips (in size == out size): one tap
+ * of weight 1.0. clip8(p << 22 + bias) == p, so running such a pass equals
+ * skipping it, and one code path serves both. */
+static int s_coeffs_identity(s_coeffs *c, int first, int count) {
+    c->ksize = 1;
+    c->bounds = malloc((size_t)count * 2 * sizeof *c->bounds);
+    c->kk = malloc((size_t)count * sizeof *c->kk);
+    if (!c->bounds || !c->kk) {
+        s_coeffs_free(c);
+        return MM_ENOMEM;
+    }
+    for (int i = 0; i < count; i++) {
+        c->bounds[2 * i] = first + i;
+        c->bounds[2 * i + 1] = 1;
+        c->kk[i] = (int32_t)1 << S_PRECISION_BITS;
+    }
+    return MM_OK;
+}
+
 /* The (virtual) source of a resize: an image, optionally centred on a square
  * canvas of pad colour (LLaVA's expand2square) that is never materialised. */
 typedef struct s_src {
@@ -555,116 +656,174 @@ typedef struct s_src {
     size_t vw, vh;       /* virtual size (the canvas) */
     size_t ox, oy;       /* where img's top-left lies on the canvas */
     uint8_t pad[3];      /* canvas colour */
-    uint8_t *padrow;     /* [vw, 3] a row of pad colour */
-    uint8_t *scratch;    /* [vw, 3] a composed row */
 } s_src;
 
-static int s_is_pad_row(const s_src *s, size_t y) {
-    return y < s->oy || y >= s->oy + s->img->height;
-}
-
-static const uint8_t *s_src_row(s_src *s, size_t y) {
-    if (s_is_pad_row(s, y))
-        return s->padrow;
-    const uint8_t *row = s->img->rgb + (y - s->oy) * s->img->width * 3;
-    if (s->vw == s->img->width)
-        return row;
-    memcpy(s->scratch, s->padrow, s->vw * 3);
-    memcpy(s->scratch + s->ox * 3, row, s->img->width * 3);
-    return s->scratch;
+/* For each of the count outputs of c: the sum of all its weights (*all) and
+ * of those on taps outside the real span [r0, r1) (*outside, i.e. on pad);
+ * and the first/last+1 output whose taps reach into the real span. */
+static void s_coeffs_split(const s_coeffs *c, int count, size_t r0, size_t r1, int64_t *all,
+                           int64_t *outside, int *first_real, int *end_real) {
+    *first_real = count;
+    *end_real = 0;
+    for (int i = 0; i < count; i++) {
+        size_t lo = (size_t)c->bounds[2 * i], n = (size_t)c->bounds[2 * i + 1];
+        const int32_t *k = c->kk + (size_t)i * c->ksize;
+        int64_t sa = 0, sr = 0;
+        for (size_t t = 0; t < n; t++)
+            sa += k[t];
+        size_t a = lo > r0 ? lo : r0, b = lo + n < r1 ? lo + n : r1;
+        for (size_t t = a; t < b; t++)
+            sr += k[t - lo];
+        all[i] = sa;
+        outside[i] = sa - sr;
+        if (a < b) {
+            if (*first_real == count)
+                *first_real = i;
+            *end_real = i + 1;
+        }
+    }
+    if (*first_real > *end_real)
+        *first_real = *end_real = 0;
 }
 
 /* Writes the window [x0, x0+cw) x [y0, y0+ch) of Pillow's resize of the
  * source to out_w x out_h into dst ([ch, cw, 3]). Each output pixel depends
  * only on its own index, so computing a window (the centre crop) equals
- * cropping the full resize, while work and memory stay proportional to the
- * window. */
-static int s_resample_window(s_src *s, int out_w, int out_h, int x0, int y0, int cw, int ch,
+ * cropping the full resize.
+ *
+ * Pillow's two passes (horizontal into an 8-bit intermediate, then
+ * vertical), computed in integers, so any summation order gives the same
+ * bits. The pad never enters a loop: a weight w on a pad tap adds w * pad,
+ * so the pad taps of an output add pad * (their weight sum), which is
+ * computed once per output column/row. In the intermediate, every pad row
+ * and every column whose taps miss the real pixels holds the same value,
+ * padout[column]; only the rectangle (real rows the vertical pass needs) x
+ * (columns touching real pixels) is computed and stored. Work is
+ * O(taps * (real pixels needed + cw * ch)) plus the weights themselves,
+ * O(cw * ksize + ch * ksize) = O(virtual side): never the canvas's area. */
+static int s_resample_window(const s_src *s, int out_w, int out_h, int x0, int y0, int cw, int ch,
                              uint8_t *dst, char *err, size_t errlen) {
+    const int64_t bias = (int64_t)1 << (S_PRECISION_BITS - 1);
     int in_w = (int)s->vw, in_h = (int)s->vh;
-    int need_h = out_w != in_w, need_v = out_h != in_h;
     s_coeffs hc = {0}, vc = {0};
-    uint8_t *tmp = NULL, *padout = NULL;
+    int64_t *hall = NULL, *hout = NULL, *vall = NULL, *vout = NULL, *acc = NULL;
+    uint8_t *padout = NULL, *tmp = NULL;
     int rc = MM_ENOMEM;
 
-    if (need_h && s_coeffs_make(&hc, in_w, out_w, x0, cw) != MM_OK)
+    /* Pillow skips a pass when that size does not change. */
+    if ((out_w != in_w ? s_coeffs_make(&hc, in_w, out_w, x0, cw)
+                       : s_coeffs_identity(&hc, x0, cw)) != MM_OK)
         goto done;
-    if (need_v && s_coeffs_make(&vc, in_h, out_h, y0, ch) != MM_OK)
+    if ((out_h != in_h ? s_coeffs_make(&vc, in_h, out_h, y0, ch)
+                       : s_coeffs_identity(&vc, y0, ch)) != MM_OK)
         goto done;
-    /* Source rows the vertical pass needs (Pillow's ybox_first/last). */
-    int yfirst = need_v ? vc.bounds[0] : y0;
-    int ylast = need_v ? vc.bounds[2 * (ch - 1)] + vc.bounds[2 * (ch - 1) + 1] : y0 + ch;
-    int nrows = ylast - yfirst;
-    size_t rowbytes = (size_t)cw * 3;
-    tmp = malloc((size_t)nrows * rowbytes);
-    padout = malloc(rowbytes);
-    if (!tmp || !padout)
+    size_t rx0 = s->ox, rx1 = s->ox + s->img->width;  /* real columns on the canvas */
+    size_t ry0 = s->oy, ry1 = s->oy + s->img->height; /* real rows on the canvas */
+    hall = malloc((size_t)cw * sizeof *hall);
+    hout = malloc((size_t)cw * sizeof *hout);
+    vall = malloc((size_t)ch * sizeof *vall);
+    vout = malloc((size_t)ch * sizeof *vout);
+    padout = malloc((size_t)cw * 3);
+    if (!hall || !hout || !vall || !vout || !padout)
+        goto done;
+    int xa, xb, ya, yb; /* outputs [xa, xb) / [ya, yb) have real taps */
+    s_coeffs_split(&hc, cw, rx0, rx1, hall, hout, &xa, &xb);
+    s_coeffs_split(&vc, ch, ry0, ry1, vall, vout, &ya, &yb);
+    for (int i = 0; i < cw; i++)
+        for (int c = 0; c < 3; c++)
+            padout[3 * i + c] = s_clip8(bias + (int64_t)s->pad[c] * hall[i]);
+
+    /* Real rows the vertical pass needs: [ra, rb). */
+    size_t ra = ry1, rb = ry0;
+    for (int j = ya; j < yb; j++) {
+        size_t lo = (size_t)vc.bounds[2 * j], hi = lo + (size_t)vc.bounds[2 * j + 1];
+        lo = lo > ry0 ? lo : ry0;
+        hi = hi < ry1 ? hi : ry1;
+        if (lo < hi) {
+            ra = lo < ra ? lo : ra;
+            rb = hi > rb ? hi : rb;
+        }
+    }
+    size_t ncol = (size_t)(xb - xa), nrow = rb > ra ? rb - ra : 0, rowbytes, tmpbytes;
+    if (!mm_size_mul(ncol, 3, &rowbytes) || !mm_size_mul(nrow, rowbytes, &tmpbytes))
+        goto done;
+    tmp = malloc(tmpbytes ? tmpbytes : 1);
+    acc = malloc((rowbytes ? rowbytes : 1) * sizeof *acc);
+    if (!tmp || !acc)
         goto done;
 
-    /* Horizontal pass (or plain copy of the window's columns). */
-    int have_padout = 0;
-    for (int r = 0; r < nrows; r++) {
-        size_t y = (size_t)(yfirst + r);
-        uint8_t *o = tmp + (size_t)r * rowbytes;
-        int pad = s_is_pad_row(s, y);
-        if (pad && have_padout) { /* all pad rows resample to the same row */
-            memcpy(o, padout, rowbytes);
-            continue;
-        }
-        const uint8_t *in = s_src_row(s, y);
-        if (!need_h) {
-            memcpy(o, in + (size_t)x0 * 3, rowbytes);
-        } else {
-            for (int xx = 0; xx < cw; xx++) {
-                int xmin = hc.bounds[2 * xx], xmax = hc.bounds[2 * xx + 1];
-                const int32_t *k = hc.kk + (size_t)xx * hc.ksize;
-                const uint8_t *p = in + (size_t)xmin * 3;
-                int64_t s0 = 1 << (S_PRECISION_BITS - 1), s1 = s0, s2 = s0;
-                for (int x = 0; x < xmax; x++) {
-                    s0 += (int64_t)p[3 * x + 0] * k[x];
-                    s1 += (int64_t)p[3 * x + 1] * k[x];
-                    s2 += (int64_t)p[3 * x + 2] * k[x];
-                }
-                o[3 * xx + 0] = s_clip8(s0);
-                o[3 * xx + 1] = s_clip8(s1);
-                o[3 * xx + 2] = s_clip8(s2);
+    /* Horizontal pass over the stored rectangle: real taps only, the pad
+     * taps' share added in one product. */
+    for (size_t r = 0; r < nrow; r++) {
+        const uint8_t *in = s->img->rgb + (ra + r - ry0) * s->img->width * 3;
+        uint8_t *o = tmp + r * rowbytes;
+        for (int i = xa; i < xb; i++) {
+            size_t lo = (size_t)hc.bounds[2 * i], n = (size_t)hc.bounds[2 * i + 1];
+            const int32_t *k = hc.kk + (size_t)i * hc.ksize;
+            size_t a = lo > rx0 ? lo : rx0, b = lo + n < rx1 ? lo + n : rx1;
+            int64_t s0 = bias + (int64_t)s->pad[0] * hout[i];
+            int64_t s1 = bias + (int64_t)s->pad[1] * hout[i];
+            int64_t s2 = bias + (int64_t)s->pad[2] * hout[i];
+            for (size_t t = a; t < b; t++) {
+                const uint8_t *p = in + (t - rx0) * 3;
+                int64_t w = k[t - lo];
+                s0 += p[0] * w;
+                s1 += p[1] * w;
+                s2 += p[2] * w;
             }
-        }
-        if (pad) {
-            memcpy(padout, o, rowbytes);
-            have_padout = 1;
+            size_t q = (size_t)(i - xa) * 3;
+            o[q + 0] = s_clip8(s0);
+            o[q + 1] = s_clip8(s1);
+            o[q + 2] = s_clip8(s2);
         }
     }
 
-    /* Vertical pass (or the rows as they are). */
-    for (int yy = 0; yy < ch; yy++) {
-        uint8_t *o = dst + (size_t)yy * rowbytes;
-        if (!need_v) {
-            memcpy(o, tmp + (size_t)yy * rowbytes, rowbytes);
+    /* Vertical pass. Columns outside [xa, xb) are padout all the way down;
+     * inside, the pad rows' share is padout * (their weight sum). */
+    for (int j = 0; j < ch; j++) {
+        uint8_t *o = dst + (size_t)j * cw * 3;
+        for (int i = 0; i < xa; i++)
+            for (int c = 0; c < 3; c++)
+                o[3 * i + c] = s_clip8(bias + (int64_t)padout[3 * i + c] * vall[j]);
+        for (int i = xb; i < cw; i++)
+            for (int c = 0; c < 3; c++)
+                o[3 * i + c] = s_clip8(bias + (int64_t)padout[3 * i + c] * vall[j]);
+        if (ncol == 0)
             continue;
+        const uint8_t *pc = padout + (size_t)xa * 3;
+        for (size_t q = 0; q < rowbytes; q++)
+            acc[q] = bias + (int64_t)pc[q] * vout[j];
+        size_t lo = (size_t)vc.bounds[2 * j], n = (size_t)vc.bounds[2 * j + 1];
+        const int32_t *k = vc.kk + (size_t)j * vc.ksize;
+        size_t a = lo > ra ? lo : ra, b = lo + n < rb ? lo + n : rb;
+        for (size_t t = a; t < b; t++) {
+            const uint8_t *row = tmp + (t - ra) * rowbytes;
+            int64_t w = k[t - lo];
+            for (size_t q = 0; q < rowbytes; q++)
+                acc[q] += row[q] * w;
         }
-        int ymin = vc.bounds[2 * yy] - yfirst, ymax = vc.bounds[2 * yy + 1];
-        const int32_t *k = vc.kk + (size_t)yy * vc.ksize;
-        for (size_t xc = 0; xc < rowbytes; xc++) {
-            int64_t acc = 1 << (S_PRECISION_BITS - 1);
-            for (int y = 0; y < ymax; y++)
-                acc += (int64_t)tmp[(size_t)(ymin + y) * rowbytes + xc] * k[y];
-            o[xc] = s_clip8(acc);
-        }
+        uint8_t *oc = o + (size_t)xa * 3;
+        for (size_t q = 0; q < rowbytes; q++)
+            oc[q] = s_clip8(acc[q]);
     }
     rc = MM_OK;
 done:
     s_coeffs_free(&hc);
     s_coeffs_free(&vc);
-    free(tmp);
+    free(hall);
+    free(hout);
+    free(vall);
+    free(vout);
     free(padout);
+    free(tmp);
+    free(acc);
     if (rc != MM_OK)
         mm_errorf(err, errlen, rc, "resize: out of memory (%dx%d -> %dx%d)", in_w, in_h, out_w,
                   out_h);
     return rc;
 }
 
-static int s_src_init(s_src *s, const mm_image *img, int pad, const uint8_t rgb[3]) {
+static void s_src_init(s_src *s, const mm_image *img, int pad, const uint8_t rgb[3]) {
     memset(s, 0, sizeof *s);
     s->img = img;
     s->vw = img->width;
@@ -677,18 +836,6 @@ static int s_src_init(s_src *s, const mm_image *img, int pad, const uint8_t rgb[
         s->oy = (side - img->height) / 2;
     }
     memcpy(s->pad, rgb, 3);
-    s->padrow = malloc(s->vw * 3);
-    s->scratch = malloc(s->vw * 3);
-    if (!s->padrow || !s->scratch)
-        return MM_ENOMEM;
-    for (size_t x = 0; x < s->vw; x++)
-        memcpy(s->padrow + 3 * x, rgb, 3);
-    return MM_OK;
-}
-
-static void s_src_free(s_src *s) {
-    free(s->padrow);
-    free(s->scratch);
 }
 
 static int s_check_image(const mm_image *img, const char *fn, char *err, size_t errlen) {
@@ -712,16 +859,12 @@ int mm_image_resize_bicubic(const mm_image *img, size_t width, size_t height, mm
                          width, height);
     static const uint8_t black[3] = {0, 0, 0};
     s_src s;
+    s_src_init(&s, img, 0, black);
     mm_image *o = NULL;
-    rc = s_src_init(&s, img, 0, black);
-    if (rc != MM_OK)
-        rc = mm_errorf(err, errlen, rc, "mm_image_resize_bicubic: out of memory");
-    if (rc == MM_OK)
-        rc = mm_image_new(width, height, &o, err, errlen);
+    rc = mm_image_new(width, height, &o, err, errlen);
     if (rc == MM_OK)
         rc = s_resample_window(&s, (int)width, (int)height, 0, 0, (int)width, (int)height, o->rgb,
                                err, errlen);
-    s_src_free(&s);
     if (rc != MM_OK)
         mm_image_destroy(&o);
     *out = o;
@@ -766,11 +909,7 @@ int mm_image_preprocess(const mm_image *img, const mm_image_params *p, float *ou
                              (double)p->mean[c], (double)p->std[c]);
 
     s_src s;
-    uint8_t *crop = NULL;
-    if (s_src_init(&s, img, p->pad_to_square, p->pad_rgb) != MM_OK || !(crop = malloc(S * S * 3))) {
-        s_src_free(&s);
-        return mm_errorf(err, errlen, MM_ENOMEM, "mm_image_preprocess: out of memory");
-    }
+    s_src_init(&s, img, p->pad_to_square, p->pad_rgb);
     /* HF get_resize_output_image_size(default_to_square=False): short side
      * S, long side int(S * long / short) — an exact integer product, one
      * correctly rounded division, truncation. */
@@ -780,15 +919,14 @@ int mm_image_preprocess(const mm_image *img, const mm_image_params *p, float *ou
     size_t rw = w <= h ? S : new_long, rh = w <= h ? new_long : S;
     /* HF center_crop: top = (h - S) // 2, left = (w - S) // 2 */
     size_t top = (rh - S) / 2, left = (rw - S) / 2;
-    if (rw > INT_MAX || rh > INT_MAX) {
-        s_src_free(&s);
-        free(crop);
+    if (rw > INT_MAX || rh > INT_MAX)
         return mm_errorf(err, errlen, MM_EINVAL, "mm_image_preprocess: resize %zu x %zu too big",
                          rw, rh);
-    }
+    uint8_t *crop = malloc(S * S * 3); /* S <= 4096: no overflow */
+    if (!crop)
+        return mm_errorf(err, errlen, MM_ENOMEM, "mm_image_preprocess: out of memory");
     rc = s_resample_window(&s, (int)rw, (int)rh, (int)left, (int)top, (int)S, (int)S, crop, err,
                            errlen);
-    s_src_free(&s);
     if (rc != MM_OK) {
         free(crop);
         return rc;
