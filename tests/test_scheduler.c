@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "scheduler.h"
@@ -107,7 +108,6 @@ static void s_on_token(void *user, uint64_t id, const char *piece, size_t len, i
 static void s_on_done(void *user, uint64_t id, int status, const char *message,
                       const mm_case_result *result) {
     tcase *t = user;
-    t->done++;
     t->status = status;
     snprintf(t->msg, sizeof t->msg, "%s", message ? message : "(null)");
     if (result) /* the edge form, so the checks compare it with the oracle's JSON */
@@ -118,6 +118,8 @@ static void s_on_done(void *user, uint64_t id, int status, const char *message,
         char err[128];
         t->reenter_rc = mm_sched_step(t->ctx->sch, err, sizeof err);
     }
+    /* last, and released: a test thread polling done then reads the rest */
+    __atomic_add_fetch(&t->done, 1, __ATOMIC_RELEASE);
 }
 
 static void s_tcase_clear(tcase *t) {
@@ -661,6 +663,89 @@ static void test_forward_failure(void) {
     mm_model_destroy(&m);
 }
 
+/* ---- threads: image workers + engine thread ------------------------------------------ */
+
+static int s_done_now(tcase *t) { return __atomic_load_n(&t->done, __ATOMIC_ACQUIRE); }
+
+/* Wait (events, bounded) until t is done; 1 when it is. */
+static int s_wait_done(tcase *t, double ms) {
+    double end = mm_now_ms() + ms;
+    while (!s_done_now(t) && mm_now_ms() < end) {
+        struct timespec ts = {0, 2000000};
+        nanosleep(&ts, NULL);
+    }
+    return s_done_now(t);
+}
+
+typedef struct slow_watch {
+    tcase *slow;       /* the case whose vision is slowed */
+    int slow_was_done; /* when the fast case finished */
+} slow_watch;
+
+static void s_on_done_watch(void *user, uint64_t id, int status, const char *message,
+                            const mm_case_result *result) {
+    tcase *t = user;
+    slow_watch *w = (slow_watch *)t->ctx->sch; /* see test_threads */
+    w->slow_was_done = s_done_now(w->slow);
+    s_on_done(user, id, status, message, result);
+}
+
+/* The engine thread keeps decoding while an image worker spends seconds on a
+ * vision encode (debug_vision_delay_ms): a text-only case submitted after a
+ * slow image case finishes first, and both equal the oracle. Cancel in the
+ * image stage and shutdown with work in flight end their cases. */
+static void test_threads(void) {
+    mm_model *m = s_load(2);
+    mm_sched_options o;
+    mm_sched_options_default(&o);
+    o.image_workers = 1;
+    o.debug_vision_delay_ms = 3000;
+    mm_sched *s = NULL;
+    char err[512];
+    CHECKF(mm_sched_new(m, g_tok, &o, &s, err, sizeof err) == MM_OK, "new: %s", err);
+    CHECKF(mm_sched_start(s, err, sizeof err) == MM_OK, "start: %s", err);
+    CHECK(mm_sched_start(s, err, sizeof err) == MM_EINVAL);
+    tcase slow = {0}, fast = {0}, gone = {0}, last = {0};
+    slow_watch w = {.slow = &slow};
+    tctx ctx = {0}, wctx = {.sch = (mm_sched *)&w}; /* s_on_done_watch finds w there */
+    slow.ctx = gone.ctx = last.ctx = &ctx;
+    fast.ctx = &wctx;
+    spec sp_slow = {"hospital-a", g_questions[0], 0, 6, 0, 0, NULL};
+    spec sp_fast = {"hospital-b", g_questions[1], -1, 6, 0, 0, NULL};
+    mm_sched_request r;
+    s_fill_request(&sp_slow, &slow, &r);
+    CHECKF(mm_sched_submit(s, &r, &slow.id, err, sizeof err) == MM_OK, "submit: %s", err);
+    s_fill_request(&sp_fast, &fast, &r);
+    r.on_done = s_on_done_watch;
+    CHECKF(mm_sched_submit(s, &r, &fast.id, err, sizeof err) == MM_OK, "submit: %s", err);
+    CHECK(s_wait_done(&fast, 60000));
+    CHECKF(fast.status == MM_OK && !w.slow_was_done,
+           "the text case waited for the slow image: %s, slow done %d", fast.msg, w.slow_was_done);
+    CHECK(s_wait_done(&slow, 120000) && slow.status == MM_OK);
+    json_t *ref = s_reference(m, &sp_fast);
+    s_compare("threads fast", 0, &fast, ref);
+    json_decref(ref);
+    ref = s_reference(m, &sp_slow);
+    s_compare("threads slow", 1, &slow, ref);
+    json_decref(ref);
+    /* cancelled while its image is queued or encoding */
+    s_fill_request(&sp_slow, &gone, &r);
+    CHECK(mm_sched_submit(s, &r, &gone.id, err, sizeof err) == MM_OK);
+    CHECK(mm_sched_cancel(s, gone.id) == MM_OK);
+    CHECK(s_wait_done(&gone, 60000) && gone.status == MM_ECANCELLED);
+    CHECK(mm_sched_cancel(s, gone.id) == MM_ENOTFOUND);
+    /* shutdown with an image in the worker: the case ends "shutting down" */
+    s_fill_request(&sp_slow, &last, &r);
+    CHECK(mm_sched_submit(s, &r, &last.id, err, sizeof err) == MM_OK);
+    mm_sched_destroy(&s);
+    CHECK(last.done == 1 && last.status == MM_EAGAIN);
+    s_tcase_clear(&slow);
+    s_tcase_clear(&fast);
+    s_tcase_clear(&gone);
+    s_tcase_clear(&last);
+    mm_model_destroy(&m);
+}
+
 /* ---- throughput ------------------------------------------------------------------------ */
 
 static void bench(void) {
@@ -751,6 +836,7 @@ int main(int argc, char **argv) {
         test_deadline();
         test_bad_requests();
         test_forward_failure();
+        test_threads();
     }
     for (int i = 0; i < 3; i++)
         free(g_img[i].data);
