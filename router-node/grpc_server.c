@@ -1,8 +1,15 @@
 /* grpc_server.c — medmoe.v1.CaseService + grpc.health.v1 on the gRPC C core
  * (see grpc_server.h). The only file of the project that calls grpc_*.
  *
- * Sections: call state; sending (one batch in flight per call); arrival,
- * admission and validation; scheduler callbacks; events; server life.
+ * Threads: everything here runs on the completion-queue thread (the caller
+ * of mm_grpc_server_poll) except the two scheduler callbacks, which only
+ * append an s_event to the server's queue under g->mu. The CQ thread drains
+ * that queue between grpc_completion_queue_next calls; it alone reads and
+ * writes s_call state and starts batches.
+ *
+ * Sections: call state; sending (one batch in flight per call); results ->
+ * messages; scheduler callbacks and their queue; arrival, admission and
+ * validation; events; server life.
  */
 #include "grpc_server.h"
 #include "router_metrics.h"
@@ -16,13 +23,14 @@
 #include <grpc/support/time.h>
 #include <jansson.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "clock.h"
 #include "config.h"
-#include "generate.h"
 #include "health.pb-c.h"
 #include "medmoe.pb-c.h"
 
@@ -61,6 +69,21 @@ typedef struct s_listener {
     s_tag tag;
 } s_listener;
 
+/* What a scheduler callback tells the CQ thread (see the top). */
+enum { E_TOKEN, E_DONE };
+typedef struct s_event {
+    struct s_event *next; /* the server's queue, oldest first                */
+    struct s_call *c;     /* the call the case belongs to                    */
+    int kind;             /* E_*                                             */
+    double t_ms;          /* mm_now_ms() in the callback (token timing)      */
+    int32_t token;        /* E_TOKEN: the id; -1: held-back bytes at the end  */
+    int status;           /* E_DONE: the scheduler's status                  */
+    char message[512];    /* E_DONE: its message                             */
+    mm_case_result res;   /* E_DONE with MM_OK: a deep copy (owned)          */
+    size_t len;           /* E_TOKEN: bytes at piece (streams only)          */
+    char piece[];         /* E_TOKEN                                         */
+} s_event;
+
 typedef struct s_call {
     mm_grpc_server *g;
     int method;                /* M_*                                              */
@@ -74,8 +97,15 @@ typedef struct s_call {
     int tenant;         /* tenants index; -1 = not authenticated               */
     int admitted;       /* a quota unit is held (released when freed)          */
     char *client_case_id;
-    uint64_t sched_id;  /* the scheduler's case id                             */
-    int in_sched;       /* submitted, on_done not yet called                   */
+    uint64_t sched_id; /* the scheduler's case id                             */
+    /* submitted and its E_DONE not yet drained: the scheduler may still call
+     * back with this call as user, so the call must not be freed. Cancel is
+     * asynchronous: the call lives on after the client went until E_DONE. */
+    int in_sched;
+    /* E_DONE, allocated before submit so that on_done never has to allocate
+     * (it cannot report a failure); filled by on_done, owned by the call
+     * until then, by the queue after */
+    s_event *done_ev;
     int aborted;        /* the client cancelled / went away, or a send failed */
     int recv_cancelled; /* GRPC_OP_RECV_CLOSE_ON_SERVER's output            */
     int ops;            /* batches started and not yet completed             */
@@ -95,11 +125,11 @@ typedef struct s_call {
     int32_t *acc_tok;
     size_t acc_n, acc_tcap;
     /* for the audit record */
-    json_t *experts; /* expert_summary of the result, or NULL */
+    mm_case_result res; /* the answer (MM_OK), kept for the audit's experts   */
+    int has_res;
     unsigned prompt_tokens, generated_tokens;
     double queue_ms, ttft_ms;
     double t_last_token; /* mm_now_ms() of the last generated token (0: none yet) */
-    int max_tokens;      /* the request's effective max_tokens (finish_reason) */
     s_tag t_close, t_send;
     struct s_call *prev, *next; /* the server's list of live calls */
 } s_call;
@@ -112,11 +142,17 @@ struct mm_grpc_server {
     s_listener lis[M_COUNT][S_LISTENERS];
     s_call *calls; /* live calls, newest first */
     size_t n_calls;
+    size_t n_in_sched; /* calls with in_sched set: scheduler events may come */
     int draining;      /* new calls get UNAVAILABLE "shutting down"          */
     int shutting_down; /* grpc_server_shutdown_and_notify called             */
     int shutdown_done; /* ... and its tag came back                          */
     s_tag t_shutdown;
     mm_router_case_metrics cm; /* NULL handles without o.metrics */
+    /* the one thing shared with the scheduler's threads: its callbacks append
+     * here, the CQ thread takes the whole list (never calling out while
+     * holding mu) */
+    pthread_mutex_t mu;
+    s_event *ev_head, *ev_tail;
 };
 
 void mm_grpc_options_default(mm_grpc_options *o) {
@@ -155,6 +191,24 @@ static const char *s_code_name(grpc_status_code c) {
 
 static int s_is_case_method(int m) { return m == M_ASK || m == M_STREAM || m == M_CLASSIFY; }
 
+/* The audit record's "experts": the answer's expert_summary, [{layer,
+ * image_tokens_per_expert, text_tokens_per_expert}]; [] without an answer. */
+static json_t *s_experts_json(const s_call *c) {
+    json_t *js = json_array();
+    const mm_case_result *r = &c->res;
+    for (size_t l = 0; js && c->has_res && l < r->n_moe; l++) {
+        json_t *ic = json_array(), *tc = json_array();
+        for (size_t e = 0; ic && tc && e < r->n_experts; e++) {
+            json_array_append_new(ic, json_integer(r->image_count[l * r->n_experts + e]));
+            json_array_append_new(tc, json_integer(r->text_count[l * r->n_experts + e]));
+        }
+        json_array_append_new(js, json_pack("{s:i, s:o*, s:o*}", "layer", r->moe_layer[l],
+                                            "image_tokens_per_expert", ic, "text_tokens_per_expert",
+                                            tc));
+    }
+    return js;
+}
+
 /* The audit record and the log line: the one place a call ends. */
 static void s_call_free(s_call *c) {
     mm_grpc_server *g = c->g;
@@ -166,7 +220,7 @@ static void s_call_free(s_call *c) {
         json_object_set_new(r, "case_id", json_string(c->client_case_id ? c->client_case_id : ""));
         json_object_set_new(r, "method", json_string(s_method_name[c->method]));
         json_object_set_new(r, "status", json_string(s_code_name(c->code)));
-        json_object_set_new(r, "experts", c->experts ? json_incref(c->experts) : json_array());
+        json_object_set_new(r, "experts", s_experts_json(c));
         json_object_set_new(r, "prompt_tokens", json_integer(c->prompt_tokens));
         json_object_set_new(r, "generated_tokens", json_integer(c->generated_tokens));
         json_object_set_new(r, "queue_ms", json_real(c->queue_ms));
@@ -206,7 +260,8 @@ static void s_call_free(s_call *c) {
         grpc_byte_buffer_destroy(c->reply);
     if (c->sending)
         grpc_byte_buffer_destroy(c->sending);
-    json_decref(c->experts);
+    mm_case_result_clear(&c->res);
+    free(c->done_ev); /* set only when never submitted or refused */
     free(c->client_case_id);
     free(c->acc);
     free(c->acc_tok);
@@ -328,106 +383,71 @@ static void s_finish(s_call *c, grpc_status_code code, const char *fmt, ...) {
 
 /* ---- results -> messages ---------------------------------------------------- */
 
-static double s_num(json_t *o, const char *k) {
-    json_t *v = json_object_get(o, k);
-    return json_is_number(v) ? json_number_value(v) : 0.0;
-}
-
-/* LayerRouting[] from the result's expert_summary (arrays freed by s_routing_free). */
-static Medmoe__V1__LayerRouting **s_routing(json_t *summary, size_t *n) {
-    *n = json_array_size(summary);
-    if (!*n)
+/* LayerRouting[] from the result's per-layer counts (freed by
+ * s_routing_free); the arrays point into r, which must outlive the message. */
+static Medmoe__V1__LayerRouting **s_routing(const mm_case_result *r, size_t *n) {
+    *n = 0;
+    if (!r->n_moe)
         return NULL;
-    Medmoe__V1__LayerRouting **v = calloc(*n, sizeof *v);
-    if (!v) {
-        *n = 0;
+    Medmoe__V1__LayerRouting **v = calloc(r->n_moe, sizeof *v);
+    Medmoe__V1__LayerRouting *lr = calloc(r->n_moe, sizeof *lr);
+    if (!v || !lr) {
+        free(v);
+        free(lr);
         return NULL;
     }
-    for (size_t i = 0; i < *n; i++) {
-        json_t *l = json_array_get(summary, i);
-        Medmoe__V1__LayerRouting *r = calloc(1, sizeof *r);
-        if (!r)
-            continue;
-        medmoe__v1__layer_routing__init(r);
-        r->layer = (uint32_t)json_integer_value(json_object_get(l, "layer"));
-        json_t *ic = json_object_get(l, "image_tokens_per_expert");
-        json_t *tc = json_object_get(l, "text_tokens_per_expert");
-        r->image_tokens_per_expert = calloc(json_array_size(ic) + 1, sizeof(uint32_t));
-        r->text_tokens_per_expert = calloc(json_array_size(tc) + 1, sizeof(uint32_t));
-        if (r->image_tokens_per_expert) {
-            r->n_image_tokens_per_expert = json_array_size(ic);
-            for (size_t e = 0; e < r->n_image_tokens_per_expert; e++)
-                r->image_tokens_per_expert[e] = (uint32_t)json_integer_value(json_array_get(ic, e));
-        }
-        if (r->text_tokens_per_expert) {
-            r->n_text_tokens_per_expert = json_array_size(tc);
-            for (size_t e = 0; e < r->n_text_tokens_per_expert; e++)
-                r->text_tokens_per_expert[e] = (uint32_t)json_integer_value(json_array_get(tc, e));
-        }
-        v[i] = r;
+    for (size_t l = 0; l < r->n_moe; l++) {
+        medmoe__v1__layer_routing__init(&lr[l]);
+        lr[l].layer = (uint32_t)r->moe_layer[l];
+        lr[l].image_tokens_per_expert = r->image_count + l * r->n_experts;
+        lr[l].n_image_tokens_per_expert = r->n_experts;
+        lr[l].text_tokens_per_expert = r->text_count + l * r->n_experts;
+        lr[l].n_text_tokens_per_expert = r->n_experts;
+        v[l] = &lr[l];
     }
-    /* drop layers whose allocation failed (keeps the array dense) */
-    size_t k = 0;
-    for (size_t i = 0; i < *n; i++)
-        if (v[i])
-            v[k++] = v[i];
-    *n = k;
+    *n = r->n_moe;
     return v;
 }
 
-static void s_routing_free(Medmoe__V1__LayerRouting **v, size_t n) {
-    for (size_t i = 0; i < n; i++) {
-        free(v[i]->image_tokens_per_expert);
-        free(v[i]->text_tokens_per_expert);
-        free(v[i]);
-    }
+static void s_routing_free(Medmoe__V1__LayerRouting **v) {
+    if (v)
+        free(v[0]); /* the one array of layers */
     free(v);
 }
 
 /* Timings of a result; the scheduler measures from submission, the client
  * from arrival: add what parsing and validation took. */
-static void s_timings(s_call *c, json_t *res, double t_submit, Medmoe__V1__Timings *t) {
-    double pre = t_submit - c->t_arrival;
-    t->queue_ms = s_num(res, "queue_ms") + pre;
-    t->vision_ms = s_num(res, "vision_ms");
-    t->ttft_ms = s_num(res, "ttft_ms") > 0 ? s_num(res, "ttft_ms") + pre : 0.0;
+static void s_timings(s_call *c, const mm_case_result *r, Medmoe__V1__Timings *t) {
+    double pre = c->t_submit - c->t_arrival;
+    t->queue_ms = r->queue_ms + pre;
+    t->vision_ms = r->image_ms + r->vision_ms; /* the proto's: decode + tower + projector */
+    t->ttft_ms = r->ttft_ms > 0 ? r->ttft_ms + pre : 0.0;
     t->total_ms = mm_now_ms() - c->t_arrival;
-    t->decode_ms_per_token = s_num(res, "decode_ms_per_token");
+    t->decode_ms_per_token = r->decode_ms_per_token;
     c->queue_ms = t->queue_ms;
     c->ttft_ms = t->ttft_ms;
+    c->prompt_tokens = (unsigned)r->prompt_len;
+    c->generated_tokens = (unsigned)r->n_tokens;
 }
 
 /* The CaseAnswer of a result, packed (for Ask, or inside the final chunk). */
-static grpc_byte_buffer *s_answer(s_call *c, json_t *res, double t_submit) {
+static grpc_byte_buffer *s_answer(s_call *c, const mm_case_result *r) {
     Medmoe__V1__CaseAnswer a = MEDMOE__V1__CASE_ANSWER__INIT;
     Medmoe__V1__Timings t = MEDMOE__V1__TIMINGS__INIT;
-    json_t *toks = json_object_get(res, "tokens");
-    size_t nt = json_array_size(toks);
-    int32_t *tv = calloc(nt + 1, sizeof *tv);
-    if (!tv)
-        return NULL;
-    for (size_t i = 0; i < nt; i++)
-        tv[i] = (int32_t)json_integer_value(json_array_get(toks, i));
     a.case_id = c->client_case_id ? c->client_case_id : "";
-    a.answer = (char *)(json_string_value(json_object_get(res, "answer"))
-                            ? json_string_value(json_object_get(res, "answer"))
-                            : "");
-    a.tokens = tv;
-    a.n_tokens = nt;
-    a.prompt_tokens = (uint32_t)json_integer_value(json_object_get(res, "prompt_len"));
-    a.generated_tokens = (uint32_t)nt;
-    a.routing = s_routing(json_object_get(res, "expert_summary"), &a.n_routing);
-    s_timings(c, res, t_submit, &t);
+    a.answer = r->answer ? r->answer : "";
+    a.tokens = r->tokens;
+    a.n_tokens = r->n_tokens;
+    a.prompt_tokens = (uint32_t)r->prompt_len;
+    a.generated_tokens = (uint32_t)r->n_tokens;
+    a.routing = s_routing(r, &a.n_routing);
+    s_timings(c, r, &t);
     a.timings = &t;
-    /* the scheduler keeps the EOS token in tokens; without a known EOS id,
-     * stopping short of max_tokens can only have been EOS */
-    int eos =
-        c->g->o.eos_token >= 0 ? nt && tv[nt - 1] == c->g->o.eos_token : (int)nt < c->max_tokens;
-    a.finish_reason = eos ? "eos" : "max_tokens";
-    c->prompt_tokens = a.prompt_tokens;
-    c->generated_tokens = a.generated_tokens;
-    grpc_byte_buffer *bb;
-    if (c->method == M_STREAM) {
+    a.finish_reason = r->hit_eos ? "eos" : "max_tokens";
+    grpc_byte_buffer *bb = NULL;
+    if (r->n_moe && !a.routing) {
+        bb = NULL; /* out of memory */
+    } else if (c->method == M_STREAM) {
         Medmoe__V1__AnswerChunk ch = MEDMOE__V1__ANSWER_CHUNK__INIT;
         ch.text = "";
         ch.final = &a;
@@ -435,64 +455,108 @@ static grpc_byte_buffer *s_answer(s_call *c, json_t *res, double t_submit) {
     } else {
         bb = s_pack(&a.base);
     }
-    s_routing_free(a.routing, a.n_routing);
-    free(tv);
+    s_routing_free(a.routing);
     return bb;
 }
 
-static grpc_byte_buffer *s_classified(s_call *c, json_t *res, double t_submit) {
-    Medmoe__V1__ClassifyResult r = MEDMOE__V1__CLASSIFY_RESULT__INIT;
+static grpc_byte_buffer *s_classified(s_call *c, const mm_case_result *r) {
+    Medmoe__V1__ClassifyResult k = MEDMOE__V1__CLASSIFY_RESULT__INIT;
     Medmoe__V1__Timings t = MEDMOE__V1__TIMINGS__INIT;
-    json_t *cands = json_object_get(res, "candidates");
-    size_t n = json_array_size(cands);
+    size_t n = r->n_candidates;
     Medmoe__V1__ScoredCandidate *sv = calloc(n + 1, sizeof *sv);
     Medmoe__V1__ScoredCandidate **sp = calloc(n + 1, sizeof *sp);
     grpc_byte_buffer *bb = NULL;
     if (sv && sp) {
-        for (size_t i = 0; i < n; i++) {
-            json_t *x = json_array_get(cands, i);
+        for (size_t i = 0; i < n; i++) { /* already ranked, best first */
             medmoe__v1__scored_candidate__init(&sv[i]);
-            const char *text = json_string_value(json_object_get(x, "text"));
-            sv[i].text = (char *)(text ? text : "");
-            sv[i].logprob = s_num(x, "logprob");
-            sv[i].prob = s_num(x, "prob");
+            sv[i].text = r->candidates[i].text ? r->candidates[i].text : "";
+            sv[i].logprob = r->candidates[i].logprob;
+            sv[i].prob = r->candidates[i].prob;
             sp[i] = &sv[i];
         }
-        r.case_id = c->client_case_id ? c->client_case_id : "";
-        r.candidates = sp;
-        r.n_candidates = n;
-        r.routing = s_routing(json_object_get(res, "expert_summary"), &r.n_routing);
-        s_timings(c, res, t_submit, &t);
-        r.timings = &t;
-        c->prompt_tokens = (unsigned)json_integer_value(json_object_get(res, "prompt_len"));
-        c->generated_tokens = (unsigned)json_array_size(json_object_get(res, "tokens"));
-        bb = s_pack(&r.base);
-        s_routing_free(r.routing, r.n_routing);
+        k.case_id = c->client_case_id ? c->client_case_id : "";
+        k.candidates = sp;
+        k.n_candidates = n;
+        k.routing = s_routing(r, &k.n_routing);
+        s_timings(c, r, &t);
+        k.timings = &t;
+        if (k.routing || !r->n_moe)
+            bb = s_pack(&k.base);
+        s_routing_free(k.routing);
     }
     free(sv);
     free(sp);
     return bb;
 }
 
-/* ---- scheduler callbacks ------------------------------------------------------ */
+/* ---- scheduler callbacks and their queue ------------------------------------------ */
+
+/* Callback side (any thread): the fields read here (g, method, done_ev) were
+ * set before the case was submitted and do not change until E_DONE. */
+static void s_push(mm_grpc_server *g, s_event *e) {
+    e->next = NULL;
+    pthread_mutex_lock(&g->mu);
+    if (g->ev_tail)
+        g->ev_tail->next = e;
+    else
+        g->ev_head = e;
+    g->ev_tail = e;
+    pthread_mutex_unlock(&g->mu);
+}
 
 static void s_on_token(void *user, uint64_t case_id, const char *piece, size_t len, int32_t token) {
     s_call *c = user;
     (void)case_id;
-    if (token >= 0) { /* timing of every case method (pieces: -1, not a token) */
-        double now = mm_now_ms();
+    int stream = c->method == M_STREAM;
+    if (!stream && token < 0)
+        return; /* only streams send text; every method times its tokens */
+    size_t keep = stream ? len : 0;
+    s_event *e = malloc(sizeof *e + keep + 1);
+    if (!e)
+        return; /* a lost piece: the final message still carries the whole answer */
+    e->c = c;
+    e->kind = E_TOKEN;
+    e->t_ms = mm_now_ms();
+    e->token = token;
+    e->len = keep;
+    if (keep)
+        memcpy(e->piece, piece, keep);
+    s_push(c->g, e);
+}
+
+static void s_on_done(void *user, uint64_t case_id, int status, const char *message,
+                      const mm_case_result *result) {
+    s_call *c = user;
+    (void)case_id;
+    s_event *e = c->done_ev;
+    e->c = c;
+    e->kind = E_DONE;
+    e->t_ms = mm_now_ms();
+    e->status = status;
+    snprintf(e->message, sizeof e->message, "%s",
+             message && *message ? message : mm_status_str(status));
+    if (status == MM_OK && result && mm_case_result_copy(&e->res, result) != MM_OK) {
+        e->status = MM_ENOMEM;
+        snprintf(e->message, sizeof e->message, "server out of memory copying the answer");
+    }
+    s_push(c->g, e);
+}
+
+/* CQ thread: one token's timing and, for a stream, its text. */
+static void s_token(s_call *c, const s_event *e) {
+    if (e->token >= 0) { /* pieces at the end come with -1, not a token */
         if (c->t_last_token > 0)
-            mm_metric_observe(c->g->cm.token_latency, (now - c->t_last_token) / 1e3);
+            mm_metric_observe(c->g->cm.token_latency, (e->t_ms - c->t_last_token) / 1e3);
         else
-            mm_metric_observe(c->g->cm.ttft, (now - c->t_arrival) / 1e3);
-        c->t_last_token = now;
+            mm_metric_observe(c->g->cm.ttft, (e->t_ms - c->t_arrival) / 1e3);
+        c->t_last_token = e->t_ms;
     }
     if (c->method != M_STREAM || c->aborted)
         return;
-    if (len) {
-        if (c->acc_len + len + 1 > c->acc_cap) {
+    if (e->len) {
+        if (c->acc_len + e->len + 1 > c->acc_cap) {
             size_t cap = c->acc_cap ? c->acc_cap : 256;
-            while (cap < c->acc_len + len + 1)
+            while (cap < c->acc_len + e->len + 1)
                 cap *= 2;
             char *nb = realloc(c->acc, cap);
             if (!nb)
@@ -500,10 +564,10 @@ static void s_on_token(void *user, uint64_t case_id, const char *piece, size_t l
             c->acc = nb;
             c->acc_cap = cap;
         }
-        memcpy(c->acc + c->acc_len, piece, len);
-        c->acc_len += len;
+        memcpy(c->acc + c->acc_len, e->piece, e->len);
+        c->acc_len += e->len;
     }
-    if (token >= 0) {
+    if (e->token >= 0) {
         if (c->acc_n == c->acc_tcap) {
             size_t cap = c->acc_tcap ? 2 * c->acc_tcap : 16;
             int32_t *nt = realloc(c->acc_tok, cap * sizeof *nt);
@@ -512,22 +576,22 @@ static void s_on_token(void *user, uint64_t case_id, const char *piece, size_t l
             c->acc_tok = nt;
             c->acc_tcap = cap;
         }
-        c->acc_tok[c->acc_n++] = token;
+        c->acc_tok[c->acc_n++] = e->token;
     }
-    /* sent from mm_grpc_server_poll: see there */
+    /* sent by s_drain once the whole batch of events is in: see there */
 }
 
-static void s_on_done(void *user, uint64_t case_id, int status, const char *message,
-                      json_t *result) {
-    s_call *c = user;
-    (void)case_id;
+/* CQ thread: the case ended; the scheduler will not call back for it again. */
+static void s_done(s_call *c, s_event *e) {
+    c->done_ev = NULL; /* e: on_done is over, nothing reads the pointer now */
     c->in_sched = 0;
-    double t_submit = c->t_submit;
-    if (status == MM_OK && result) {
-        json_decref(c->experts);
-        c->experts = json_incref(json_object_get(result, "expert_summary"));
-        grpc_byte_buffer *bb = c->method == M_CLASSIFY ? s_classified(c, result, t_submit)
-                                                       : s_answer(c, result, t_submit);
+    c->g->n_in_sched--;
+    if (e->status == MM_OK) {
+        c->res = e->res; /* moved: the audit record reads it when the call ends */
+        memset(&e->res, 0, sizeof e->res);
+        c->has_res = 1;
+        grpc_byte_buffer *bb =
+            c->method == M_CLASSIFY ? s_classified(c, &c->res) : s_answer(c, &c->res);
         if (!bb) {
             s_finish(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "server out of memory packing the answer");
         } else {
@@ -535,23 +599,57 @@ static void s_on_done(void *user, uint64_t case_id, int status, const char *mess
             s_finish(c, GRPC_STATUS_OK, "%s", "");
         }
     } else {
-        int past = c->deadline_ms > 0 && mm_now_ms() >= c->deadline_ms - 1.0;
+        int status = e->status;
+        const char *message = e->message;
+        int past = c->deadline_ms > 0 && e->t_ms >= c->deadline_ms - 1.0;
         grpc_status_code code = GRPC_STATUS_INTERNAL;
         if (status == MM_ETIMEOUT)
             code = past || !strcmp(message, "deadline exceeded") ? GRPC_STATUS_DEADLINE_EXCEEDED
                                                                  : GRPC_STATUS_UNAVAILABLE;
         else if (status == MM_ECANCELLED)
             code = past ? GRPC_STATUS_DEADLINE_EXCEEDED : GRPC_STATUS_CANCELLED;
-        else if (status == MM_EAGAIN || status == MM_ENOTFOUND || status == MM_EIO ||
-                 (message && strstr(message, "shutting down")))
+        else if (status == MM_EAGAIN || status == MM_ENOTFOUND || status == MM_EIO)
             code = GRPC_STATUS_UNAVAILABLE;
         else if (status == MM_EINVAL)
             code = GRPC_STATUS_INVALID_ARGUMENT;
         else if (status == MM_ENOMEM)
             code = GRPC_STATUS_RESOURCE_EXHAUSTED;
-        s_finish(c, code, "%s", message && *message ? message : mm_status_str(status));
+        s_finish(c, code, "%s", message);
     }
-    s_call_maybe_free(c);
+    mm_case_result_clear(&e->res);
+    free(e);
+}
+
+/* CQ thread: take every event queued so far and act on it, then send what
+ * streams gathered (one message per call for all its new pieces, rather
+ * than one per token). Returns the number of events. */
+static int s_drain(mm_grpc_server *g) {
+    pthread_mutex_lock(&g->mu);
+    s_event *e = g->ev_head;
+    g->ev_head = g->ev_tail = NULL;
+    pthread_mutex_unlock(&g->mu);
+    int n = 0;
+    while (e) {
+        s_event *next = e->next;
+        s_call *c = e->c;
+        if (e->kind == E_TOKEN) {
+            s_token(c, e);
+            free(e);
+        } else {
+            s_done(c, e); /* frees e; c may be freed below, never earlier */
+        }
+        n++;
+        e = next;
+    }
+    if (!n)
+        return 0;
+    for (s_call *c = g->calls, *next; c; c = next) {
+        next = c->next;
+        if (c->acc_len || c->acc_n)
+            s_flush(c);
+        s_call_maybe_free(c);
+    }
+    return n;
 }
 
 /* ---- arrival, admission, validation --------------------------------------------- */
@@ -773,15 +871,21 @@ static void s_case_call(s_call *c, grpc_byte_buffer *payload) {
         r.n_candidate_list = k->n_candidates;
         r.max_tokens = 0;
     }
-    c->max_tokens = r.max_tokens;
     r.deadline_ms = c->deadline_ms;
     r.on_token = s_on_token; /* every method: token timing; only streams send pieces */
     r.on_done = s_on_done;
     r.user = c;
+    if (!(c->done_ev = calloc(1, sizeof *c->done_ev))) {
+        s_finish(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "server out of memory");
+        goto out;
+    }
     c->t_submit = mm_now_ms();
+    /* callbacks may run (on other threads) before this returns: they only
+     * queue events, which this thread drains after setting in_sched */
     int rc = mm_sched_submit(o->sched, &r, &c->sched_id, err, sizeof err);
     if (rc == MM_OK) {
         c->in_sched = 1;
+        g->n_in_sched++;
     } else if (rc == MM_EINVAL) {
         s_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "%s", err);
     } else if (rc == MM_ETIMEOUT) {
@@ -976,7 +1080,9 @@ static void s_on_new(s_listener *l, int ok) {
 static void s_on_close(s_call *c) {
     if (c->recv_cancelled && !c->status_started) {
         c->aborted = 1;
-        if (c->in_sched) /* frees the slot now; on_done runs inside */
+        /* frees the slot at the next step at the latest; the call waits
+         * for on_done's event (in_sched) before it is freed */
+        if (c->in_sched)
             mm_sched_cancel(c->g->o.sched, c->sched_id);
         s_finish(c,
                  c->deadline_ms > 0 && mm_now_ms() >= c->deadline_ms - 1.0
@@ -1005,7 +1111,7 @@ static void s_on_send(s_call *c, int ok) {
     s_call_maybe_free(c);
 }
 
-static void s_event(mm_grpc_server *g, grpc_event ev) {
+static void s_on_event(mm_grpc_server *g, grpc_event ev) {
     s_tag *t = ev.tag;
     switch (t->kind) {
     case T_NEW: s_on_new(t->obj, ev.success); break;
@@ -1015,27 +1121,28 @@ static void s_event(mm_grpc_server *g, grpc_event ev) {
     }
 }
 
+/* How long the CQ thread waits in grpc_completion_queue_next while cases are
+ * in the scheduler: their events are only seen between two waits (the C core
+ * 1.51 has no public alarm to wake the queue from another thread), so this
+ * bounds the delay they add to a streamed token or an answer. */
+#define S_EVENT_POLL_MS 2
+
 int mm_grpc_server_poll(mm_grpc_server *g, int timeout_ms) {
-    int n = 0;
-    /* stream pieces the last step produced go out here, one message per
-     * call for the whole step, rather than from inside its callbacks */
-    for (s_call *c = g->calls, *next; c; c = next) {
-        next = c->next;
-        if (c->acc_len || c->acc_n)
-            s_flush(c);
-    }
+    int n = s_drain(g);
+    if (g->n_in_sched > 0 && timeout_ms > S_EVENT_POLL_MS)
+        timeout_ms = S_EVENT_POLL_MS;
     gpr_timespec dl = timeout_ms > 0 ? gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
                                                     gpr_time_from_millis(timeout_ms, GPR_TIMESPAN))
                                      : gpr_time_0(GPR_CLOCK_MONOTONIC);
-    while (n < 512) {
+    for (int k = 0; k < 512; k++) {
         grpc_event ev = grpc_completion_queue_next(g->cq, dl, NULL);
         if (ev.type != GRPC_OP_COMPLETE)
             break;
-        s_event(g, ev);
+        s_on_event(g, ev);
         n++;
         dl = gpr_time_0(GPR_CLOCK_MONOTONIC);
     }
-    return n;
+    return n + s_drain(g);
 }
 
 size_t mm_grpc_server_calls(const mm_grpc_server *g) { return g->n_calls; }
@@ -1112,6 +1219,29 @@ static void s_teardown(mm_grpc_server *g) {
     grpc_shutdown();
 }
 
+int mm_grpc_check_options(const mm_grpc_options *o, char *err, size_t errlen) {
+    if (!o->listen || !*o->listen)
+        return mm_errorf(err, errlen, MM_EINVAL, "grpc server: no listen address");
+    if (o->max_message < 1024 || o->max_message > 0x7fffffff)
+        return mm_errorf(err, errlen, MM_EINVAL, "grpc server: max message %zu out of range",
+                         o->max_message);
+    if (!o->tls_cert && !o->tls_key && !o->tls_client_ca)
+        return MM_OK;
+    if (!o->tls_cert || !o->tls_key)
+        return mm_errorf(err, errlen, MM_EINVAL,
+                         "TLS needs both --tls-cert and --tls-key (--tls-client-ca adds mTLS)");
+    const char *files[3] = {o->tls_cert, o->tls_key, o->tls_client_ca};
+    for (int i = 0; i < 3; i++) {
+        if (!files[i])
+            continue;
+        char *pem = s_read_pem(files[i], err, errlen);
+        if (!pem)
+            return MM_EINVAL;
+        free(pem);
+    }
+    return MM_OK;
+}
+
 int mm_grpc_server_new(const mm_grpc_options *o, mm_grpc_server **out, char *err, size_t errlen) {
     *out = NULL;
     if (!o->listen || !o->sched || !o->tenants || !o->model)
@@ -1131,11 +1261,12 @@ int mm_grpc_server_new(const mm_grpc_options *o, mm_grpc_server **out, char *err
         free(g);
         return rc;
     }
-    /* gRPC 1.51's default epoll1 engine, driven by one thread that spends
-     * most of its time in scheduler steps, stopped reading a connection
-     * while this server streamed on it: a client's RST_STREAM (cancel) and
-     * new calls on that connection waited until the stream ended. The
-     * poll() engine reads them at the next mm_grpc_server_poll. An explicit
+    pthread_mutex_init(&g->mu, NULL);
+    /* gRPC 1.51's default epoll1 engine, when one thread both polled the
+     * queue and ran scheduler steps, stopped reading a connection while
+     * this server streamed on it (a client's RST_STREAM and new calls
+     * waited until the stream ended). The CQ thread no longer computes, but
+     * the poll() engine is what the tests have covered since. An explicit
      * GRPC_POLL_STRATEGY in the environment still wins. */
     setenv("GRPC_POLL_STRATEGY", "poll", 0);
     grpc_init();
@@ -1178,6 +1309,7 @@ int mm_grpc_server_new(const mm_grpc_options *o, mm_grpc_server **out, char *err
     if (rc != MM_OK) {
         /* never started: no shutdown needed beyond the queue */
         s_teardown(g);
+        pthread_mutex_destroy(&g->mu);
         free(g);
         return rc;
     }
@@ -1192,9 +1324,9 @@ int mm_grpc_server_new(const mm_grpc_options *o, mm_grpc_server **out, char *err
 void mm_grpc_server_shutdown(mm_grpc_server *g) {
     if (!g || g->shutting_down)
         return;
-    /* gRPC reads new calls only while this thread polls: calls that came in
-     * during the last step are taken now and told UNAVAILABLE, rather than
-     * left to gRPC's shutdown, which would cancel them without a word */
+    /* calls gRPC matched but this thread has not taken yet are taken now
+     * and told UNAVAILABLE, rather than left to gRPC's shutdown, which
+     * would cancel them without a word */
     g->draining = 1;
     double until = mm_now_ms() + 200;
     while (mm_now_ms() < until && mm_grpc_server_poll(g, 20) > 0) {
@@ -1229,6 +1361,18 @@ void mm_grpc_server_destroy(mm_grpc_server **gp) {
     if (!g->n_calls && g->shutdown_done) {
         s_teardown(g);
     }
+    if (g->n_in_sched) {
+        /* the scheduler still holds cases whose callbacks would queue into
+         * g: leak it rather than let them write freed memory (a caller that
+         * destroys the scheduler first never gets here) */
+        mm_logf(g->o.log, MM_LOG_ERROR, NULL,
+                "gRPC shutdown: %zu case(s) still in the scheduler; server state leaked",
+                g->n_in_sched);
+        *gp = NULL;
+        return;
+    }
+    s_drain(g); /* token events of calls freed above: free them */
+    pthread_mutex_destroy(&g->mu);
     free(g);
     *gp = NULL;
 }

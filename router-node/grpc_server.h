@@ -3,22 +3,33 @@
  *
  * Every grpc_* call of the project is in grpc_server.c (the C core API is
  * private and changes between minor versions: a new version touches one
- * file). The server owns a completion queue; the caller's one engine thread
- * drives it with mm_grpc_server_poll() between mm_sched_step() calls, so the
- * scheduler's callbacks (tokens, done) and the gRPC events run on the same
- * thread and nothing here locks.
+ * file).
+ *
+ * Threads: the server owns a completion queue, driven by one thread — the
+ * CQ thread, whoever calls mm_grpc_server_poll (the router's main thread).
+ * It does admission, validation and streaming out, and never computes: the
+ * scheduler runs cases on its own engine thread and image workers. The
+ * scheduler's callbacks (tokens, done) arrive on those threads; they only
+ * append an event (a token's text and time; the status and a deep copy of
+ * the typed result) to a mutex-protected queue, which the CQ thread drains
+ * between completion-queue waits. Only the CQ thread reads or writes call
+ * state and starts gRPC batches. While cases are in the scheduler the wait
+ * is at most 2 ms, which bounds what the hand-over adds to a token.
  *
  * Per call: parse (protobuf-c; malformed bytes -> INVALID_ARGUMENT), API key
  * from `authorization: Bearer KEY` (-> UNAUTHENTICATED), tenant quotas (->
  * RESOURCE_EXHAUSTED), validation (sizes, media type, question, options,
  * candidates -> INVALID_ARGUMENT naming the field), then mm_sched_submit
  * with the call's deadline. A client that cancels or disconnects has its
- * case cancelled at once (its slot is free for the next step). AskStream
- * sends one AnswerChunk per step's new text (pieces that pile up while a
- * send is in flight go out together: one SEND_MESSAGE at a time), then the
- * final chunk with the whole CaseAnswer, then the status. Each case call ends
- * with one audit record and one log line (tenant, case id, method, status,
- * ms); its state is freed in one place.
+ * case cancelled at once (mm_sched_cancel: the slot is free by the next
+ * step) and gets its status; the call's state lives on until the
+ * scheduler's on_done for it has been drained, so both sides are done with
+ * it before it is freed. AskStream sends one AnswerChunk per drain's new
+ * text (pieces that pile up while a send is in flight go out together: one
+ * SEND_MESSAGE at a time), then the final chunk with the whole CaseAnswer,
+ * then the status. Each case call ends with one audit record and one log
+ * line (tenant, case id, method, status, ms); its state is freed in one
+ * place.
  *
  *     mm_grpc_options o;  mm_grpc_options_default(&o);
  *     o.listen = "127.0.0.1:0";  o.sched = sched;  o.tenants = tenants;
@@ -26,11 +37,8 @@
  *     mm_grpc_server *g;
  *     if (mm_grpc_server_new(&o, &g, err, sizeof err)) {...}
  *     printf("port %d\n", mm_grpc_server_port(g));
- *     while (!stop) {
- *         int busy = mm_sched_pending(sched) + mm_sched_active(sched) > 0;
- *         mm_grpc_server_poll(g, busy ? 0 : 10);
- *         if (busy) mm_sched_step(sched, err, sizeof err);
- *     }
+ *     while (!stop)
+ *         mm_grpc_server_poll(g, 100);   // the CQ thread (sched has mm_sched_start'ed)
  *     mm_grpc_server_shutdown(g);   // stop accepting
  *     mm_sched_destroy(&sched);     // in-flight cases end UNAVAILABLE "shutting down"
  *     mm_grpc_server_destroy(&g);   // send those statuses, cancel the rest, free
@@ -60,7 +68,7 @@ typedef struct mm_grpc_options {
     int max_tokens_limit;      /* options.max_tokens at most (default 512)         */
     size_t max_message;        /* gRPC receive limit, bytes (default 32 MiB)       */
     size_t max_candidates;     /* ClassifyRequest.candidates at most (default 64)  */
-    mm_sched *sched;           /* borrowed; must outlive every call (see top)      */
+    mm_sched *sched;           /* borrowed, started; must outlive every call (see top) */
     mm_tenants *tenants;       /* borrowed; quotas are taken and released here     */
     mm_audit *audit;           /* borrowed; NULL: no audit log                     */
     mm_model *model;           /* borrowed; GetServerInfo                          */
@@ -78,6 +86,11 @@ typedef struct mm_grpc_options {
 
 void mm_grpc_options_default(mm_grpc_options *o);
 
+/* Check what can be checked without the server: the listen address is
+ * set, max_message in range, the TLS files (when given) readable PEM. For
+ * start-up, before the model loads. MM_OK or MM_EINVAL naming the file. */
+int mm_grpc_check_options(const mm_grpc_options *o, char *err, size_t errlen);
+
 /* grpc_init, bind, start. Errors: MM_EINVAL (options, unreadable PEM files),
  * MM_EIO (cannot bind). */
 int mm_grpc_server_new(const mm_grpc_options *o, mm_grpc_server **out, char *err, size_t errlen);
@@ -85,9 +98,10 @@ int mm_grpc_server_new(const mm_grpc_options *o, mm_grpc_server **out, char *err
 /* The port bound (the ephemeral one when listen asked for 0). */
 int mm_grpc_server_port(const mm_grpc_server *g);
 
-/* Handle completion-queue events: wait up to timeout_ms for the first, then
- * take what is ready without waiting (at most a few hundred). Returns the
- * number handled. */
+/* CQ thread: handle the scheduler's queued events and completion-queue
+ * events: wait up to timeout_ms (2 ms while cases are in the scheduler) for
+ * the first, then take what is ready without waiting (at most a few
+ * hundred). Returns the number handled. */
 int mm_grpc_server_poll(mm_grpc_server *g, int timeout_ms);
 
 /* Calls in progress (arrived, not yet freed). */
@@ -97,8 +111,9 @@ size_t mm_grpc_server_calls(const mm_grpc_server *g);
 void mm_grpc_server_shutdown(mm_grpc_server *g);
 
 /* Shut down (if not yet), give in-flight sends up to 2 s, cancel what is left
- * (their cases must no longer be in the scheduler: destroy it first), free
- * everything, grpc_shutdown. NULL and *g == NULL are fine. */
+ * (their cases must no longer be in the scheduler: destroy it first, so that
+ * every on_done has been queued), free everything, grpc_shutdown. CQ thread.
+ * NULL and *g == NULL are fine. */
 void mm_grpc_server_destroy(mm_grpc_server **g);
 
 #endif

@@ -2,49 +2,39 @@
  * expert, LM head) in this process, the routed experts on medmoe-expert
  * nodes over ZeroMQ. Cases come over gRPC (--grpc-listen: medmoe.v1, many
  * at once, batched continuously by the scheduler), or as JSON lines from a
- * file or stdin (--cases, one at a time) with answers on stdout.
+ * file or stdin (--cases, one at a time, through the same scheduler) with
+ * answers on stdout.
  *
- * With --grpc-listen one thread runs one loop: gRPC completion-queue events,
- * a scheduler step when there is work, and the expert socket's service.
+ * This file only parses the arguments; the router is an object (router.h)
+ * that owns its threads: the gRPC completion queue (this thread), the
+ * scheduler's engine thread and image workers, the expert dispatcher and the
+ * metrics server.
  *
- * Observability (issue 6): every event is one line through common/log.h
+ * Observability: every event is one line through common/log.h
  * (--log-format text|json, --log-level) on stderr; --metrics-listen serves
  * Prometheus /metrics (common/metrics.h, its own thread): cases, TTFT and
- * token latency, queue depth here and in grpc_server.c, per-expert routing,
- * replicas and batch latency in dispatch.c.
+ * token latency, queue depth in router.c and grpc_server.c, per-expert
+ * routing, replicas and batch latency in dispatch.c.
  */
-#include <errno.h>
-#include <fcntl.h>
 #include <getopt.h>
-#include <jansson.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "args.h"
-#include "audit.h"
-#include "case.h"
-#include "dispatch.h"
 #include "fingerprint.h"
-#include "generate.h"
-#include "grpc_server.h"
 #include "log.h"
-#include "medmoe.h"
-#include "metrics.h"
-#include "router_metrics.h"
-#include "scheduler.h"
-#include "tenants.h"
-#include "tokenizer.h"
-#include "wire.h"
+#include "router.h"
+#include "status.h"
 
 #define MAX_ALLOW 256 /* allowed expert keys */
 #ifndef MM_VERSION
 #define MM_VERSION "0.0.0"
 #endif
 
-static volatile sig_atomic_t g_stop; /* set by SIGTERM/SIGINT; main's loops check it */
+static volatile sig_atomic_t g_stop; /* set by SIGTERM/SIGINT; the router's loops check it */
 
 static void on_signal(int sig) {
     (void)sig;
@@ -102,6 +92,13 @@ static void usage(FILE *f) {
             "  --max-tokens-default N  max_tokens when a request gives 0 (default 64)\n"
             "  --max-tokens-limit N    max_tokens a request may ask (default 512)\n"
             "  --grpc-max-message N    gRPC receive limit, bytes (default 33554432)\n"
+            "\n"
+            "Engine:\n"
+            "  --image-workers N       threads that decode images and run the vision tower\n"
+            "                          (default 1); a slow image delays only its own case\n"
+            "  --pixel-budget N        decoded source pixels in the image stage at once\n"
+            "                          (default 67108864)\n"
+            "  --debug-vision-delay-ms MS  tests: every vision encode sleeps MS first\n"
             "  -h, --help              this text\n");
 }
 
@@ -117,6 +114,8 @@ typedef struct router_args {
     const char *tls_cert, *tls_key, *tls_client_ca;
     int audit_fsync, slots, max_image_bytes, max_question_bytes, max_tokens_default;
     int max_tokens_limit, grpc_max_message;
+    /* engine */
+    int image_workers, pixel_budget, debug_vision_delay_ms;
     /* observability */
     const char *metrics_listen, *metrics_port_file;
     mm_log_format log_format;
@@ -141,7 +140,10 @@ enum {
     O_METRICS_LISTEN,
     O_METRICS_PORT_FILE,
     O_LOG_FORMAT,
-    O_LOG_LEVEL
+    O_LOG_LEVEL,
+    O_IMAGE_WORKERS,
+    O_PIXEL_BUDGET,
+    O_DEBUG_VISION_DELAY
 };
 
 static int parse_args(int argc, char **argv, router_args *a) {
@@ -179,6 +181,9 @@ static int parse_args(int argc, char **argv, router_args *a) {
         {"metrics-port-file", required_argument, 0, O_METRICS_PORT_FILE},
         {"log-format", required_argument, 0, O_LOG_FORMAT},
         {"log-level", required_argument, 0, O_LOG_LEVEL},
+        {"image-workers", required_argument, 0, O_IMAGE_WORKERS},
+        {"pixel-budget", required_argument, 0, O_PIXEL_BUDGET},
+        {"debug-vision-delay-ms", required_argument, 0, O_DEBUG_VISION_DELAY},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     memset(a, 0, sizeof *a);
@@ -194,6 +199,7 @@ static int parse_args(int argc, char **argv, router_args *a) {
     a->grpc_max_message = 32 << 20;
     a->log_format = MM_LOG_TEXT;
     a->log_level = MM_LOG_INFO;
+    a->image_workers = 1;
     int o, rc = 0;
     while (rc == 0 && (o = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         switch (o) {
@@ -263,6 +269,16 @@ static int parse_args(int argc, char **argv, router_args *a) {
         case O_METRICS_PORT_FILE: a->metrics_port_file = optarg; break;
         case O_LOG_FORMAT: rc = mm_arg_log_format("medmoe-router", optarg, &a->log_format); break;
         case O_LOG_LEVEL: rc = mm_arg_log_level("medmoe-router", optarg, &a->log_level); break;
+        case O_IMAGE_WORKERS:
+            rc = mm_arg_int("medmoe-router", "--image-workers", optarg, 1, &a->image_workers);
+            break;
+        case O_PIXEL_BUDGET:
+            rc = mm_arg_int("medmoe-router", "--pixel-budget", optarg, 1, &a->pixel_budget);
+            break;
+        case O_DEBUG_VISION_DELAY:
+            rc = mm_arg_int("medmoe-router", "--debug-vision-delay-ms", optarg, 0,
+                            &a->debug_vision_delay_ms);
+            break;
         case 'h': usage(stdout); exit(0);
         default: usage(stderr); return 2;
         }
@@ -306,328 +322,48 @@ static int parse_args(int argc, char **argv, router_args *a) {
     return 0;
 }
 
-/* Write text to path atomically: a reader sees the old file or the new one. */
-static int s_write_atomic(const char *path, const char *text) {
-    char tmp[4096];
-    snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
-    FILE *f = fopen(tmp, "w");
-    if (!f)
-        return -1;
-    int ok = fputs(text, f) >= 0;
-    ok &= fflush(f) == 0 && fsync(fileno(f)) == 0;
-    ok &= fclose(f) == 0;
-    if (!ok || rename(tmp, path) != 0) {
-        unlink(tmp);
-        return -1;
-    }
-    return 0;
+static void s_options(const router_args *a, mm_router_options *o) {
+    mm_router_options_default(o);
+    o->model = a->model;
+    o->vision = a->vision;
+    o->backend = a->backend;
+    o->bind = a->bind;
+    o->endpoint_file = a->endpoint_file;
+    o->fp_flags = a->fp_flags;
+    o->wait_experts_ms = a->wait_experts;
+    o->expert_wait_ms = a->expert_wait_ms;
+    o->batch_timeout_ms = a->batch_timeout_ms;
+    o->heartbeat_ms = a->heartbeat_ms;
+    o->curve_secret = a->curve_secret;
+    o->curve_allow = a->allow_files;
+    o->n_curve_allow = a->n_allow_files;
+    o->stats_file = a->stats_file;
+    o->cases = a->cases;
+    o->serve = a->serve;
+    o->grpc_listen = a->grpc_listen;
+    o->grpc_port_file = a->grpc_port_file;
+    o->tenants = a->tenants;
+    o->audit_log = a->audit_log;
+    o->audit_fsync = a->audit_fsync;
+    o->tls_cert = a->tls_cert;
+    o->tls_key = a->tls_key;
+    o->tls_client_ca = a->tls_client_ca;
+    o->max_image_bytes = (size_t)a->max_image_bytes;
+    o->max_question_bytes = (size_t)a->max_question_bytes;
+    o->max_tokens_default = a->max_tokens_default;
+    o->max_tokens_limit = a->max_tokens_limit;
+    o->grpc_max_message = (size_t)a->grpc_max_message;
+    o->slots = a->slots;
+    o->image_workers = a->image_workers;
+    o->pixel_budget = (size_t)a->pixel_budget;
+    o->debug_vision_delay_ms = a->debug_vision_delay_ms;
+    o->metrics_listen = a->metrics_listen;
+    o->metrics_port_file = a->metrics_port_file;
+    o->log_format = a->log_format;
+    o->log_level = a->log_level;
+    o->version = MM_VERSION;
+    o->stop = &g_stop;
 }
-
-/* ---- one case ------------------------------------------------------------ */
-
-static const char *s_code(int rc) {
-    switch (rc) {
-    case MM_ETIMEOUT:
-    case MM_EAGAIN: return "UNAVAILABLE";
-    case MM_EINVAL: return "INVALID_ARGUMENT";
-    case MM_ENOTFOUND: return "NOT_FOUND";
-    default: return "INTERNAL";
-    }
-}
-
-static void s_emit(json_t *o) {
-    char *s = json_dumps(o, JSON_COMPACT);
-    if (s) {
-        fputs(s, stdout);
-        fputc('\n', stdout);
-        fflush(stdout);
-    }
-    free(s);
-}
-
-static void s_emit_error(json_t *id, const char *code, const char *msg) {
-    json_t *o = json_pack("{s:O,s:s,s:s,s:s}", "id", id ? id : json_null(), "status", "error",
-                          "code", code, "message", msg);
-    if (o)
-        s_emit(o);
-    json_decref(o);
-}
-
-/* Parse and answer one JSON line; every failure becomes an error line. */
-/* Cases from --cases count under this tenant label. */
-#define S_LOCAL_TENANT "local"
-
-/* Metrics of one --cases answer. The case runs as one call, so TTFT is its
- * wall time less the decode steps, and each token's latency is the case's
- * mean decode time per token. */
-static void s_case_metrics(const mm_router_case_metrics *cm, double t0, const json_t *out) {
-    size_t n = json_array_size(json_object_get(out, "tokens"));
-    if (!n)
-        return;
-    double per = json_number_value(json_object_get(out, "decode_ms_per_token"));
-    double total = mm_now_ms() - t0, ttft = total - per * (double)(n - 1);
-    mm_metric_observe(cm->ttft, (ttft > 0 ? ttft : 0) / 1e3);
-    for (size_t i = 1; i < n; i++)
-        mm_metric_observe(cm->token_latency, per / 1e3);
-}
-
-static void s_case(mm_model *m, const mm_tokenizer *tok, const char *line, size_t lineno,
-                   mm_log *lg, const mm_router_case_metrics *cm) {
-    double t0 = mm_now_ms();
-    json_error_t jerr;
-    char msg[1200];
-    json_t *c = json_loads(line, 0, &jerr);
-    if (!c || !json_is_object(c)) {
-        snprintf(msg, sizeof msg, "case line %zu: %s", lineno, c ? "not a JSON object" : jerr.text);
-        s_emit_error(NULL, "INVALID_ARGUMENT", msg);
-        mm_metric_add(cm->cases, 1, S_LOCAL_TENANT, "INVALID_ARGUMENT");
-        json_decref(c);
-        return;
-    }
-    json_t *id = json_object_get(c, "id");
-    mm_case_request q;
-    mm_case_request_default(&q);
-    const char *bad = NULL;
-    json_t *v;
-    if (id && !json_is_string(id) && !json_is_integer(id))
-        bad = "id";
-    if ((v = json_object_get(c, "image")) && !json_is_null(v))
-        json_is_string(v) ? (void)(q.image_path = json_string_value(v)) : (void)(bad = "image");
-    if ((v = json_object_get(c, "question")))
-        json_is_string(v) ? (void)(q.question = json_string_value(v)) : (void)(bad = "question");
-    if ((v = json_object_get(c, "candidates")) && !json_is_null(v))
-        json_is_string(v) ? (void)(q.candidates = json_string_value(v))
-                          : (void)(bad = "candidates");
-    if ((v = json_object_get(c, "conv_mode")) && !json_is_null(v))
-        json_is_string(v) ? (void)(q.conv_mode = json_string_value(v)) : (void)(bad = "conv_mode");
-    if ((v = json_object_get(c, "dump_logits")) && !json_is_null(v))
-        json_is_string(v) ? (void)(q.dump_logits = json_string_value(v))
-                          : (void)(bad = "dump_logits");
-    if ((v = json_object_get(c, "no_pad")))
-        json_is_boolean(v) ? (void)(q.no_pad = json_is_true(v)) : (void)(bad = "no_pad");
-    /* ranking candidates generates nothing unless max_tokens says so (as medmoe-run) */
-    if (q.candidates)
-        q.max_tokens = 0;
-    if ((v = json_object_get(c, "max_tokens"))) {
-        if (json_is_integer(v) && json_integer_value(v) >= 0 && json_integer_value(v) <= 100000)
-            q.max_tokens = (int)json_integer_value(v);
-        else
-            bad = "max_tokens";
-    }
-    if ((v = json_object_get(c, "temperature")))
-        json_is_number(v) ? (void)(q.temperature = (float)json_number_value(v))
-                          : (void)(bad = "temperature");
-    if ((v = json_object_get(c, "top_p")))
-        json_is_number(v) ? (void)(q.top_p = (float)json_number_value(v)) : (void)(bad = "top_p");
-    if ((v = json_object_get(c, "seed")))
-        json_is_integer(v) ? (void)(q.seed = (uint64_t)json_integer_value(v))
-                           : (void)(bad = "seed");
-    if (bad) {
-        snprintf(msg, sizeof msg, "case line %zu: field '%s' has the wrong type or range", lineno,
-                 bad);
-        s_emit_error(id, "INVALID_ARGUMENT", msg);
-        mm_metric_add(cm->cases, 1, S_LOCAL_TENANT, "INVALID_ARGUMENT");
-        json_decref(c);
-        return;
-    }
-    if (!q.question) {
-        snprintf(msg, sizeof msg, "case line %zu: field 'question' missing", lineno);
-        s_emit_error(id, "INVALID_ARGUMENT", msg);
-        mm_metric_add(cm->cases, 1, S_LOCAL_TENANT, "INVALID_ARGUMENT");
-        json_decref(c);
-        return;
-    }
-    json_t *out = NULL;
-    char err[1024] = "";
-    int rc = mm_case_answer(m, tok, &q, &out, err, sizeof err);
-    if (rc != MM_OK) {
-        mm_logf(lg, MM_LOG_WARN, json_is_string(id) ? json_string_value(id) : NULL,
-                "case %s failed: %s: %s", json_is_string(id) ? json_string_value(id) : "(no id)",
-                mm_status_str(rc), err);
-        s_emit_error(id, s_code(rc), err);
-        mm_metric_add(cm->cases, 1, S_LOCAL_TENANT, s_code(rc));
-    } else {
-        json_t *o = json_pack("{s:O,s:s}", "id", id ? id : json_null(), "status", "ok");
-        json_object_update(o, out);
-        s_emit(o);
-        mm_metric_add(cm->cases, 1, S_LOCAL_TENANT, "OK");
-        s_case_metrics(cm, t0, out);
-        json_decref(o);
-    }
-    json_decref(out);
-    json_decref(c);
-}
-
-/* ---- the case source: lines from a file descriptor, read as they come ---- */
-
-typedef struct s_lines {
-    int fd;    /* -1 after EOF                       */
-    char *buf; /* bytes read, not yet consumed        */
-    size_t len, cap;
-    size_t lineno;
-} s_lines;
-
-/* Read what is available (the fd polled readable). 0 ok, -1 error/EOF. */
-static int s_lines_fill(s_lines *l) {
-    if (l->cap - l->len < 65536) {
-        size_t cap = l->cap ? 2 * l->cap : 131072;
-        char *nb = realloc(l->buf, cap);
-        if (!nb)
-            return -1;
-        l->buf = nb;
-        l->cap = cap;
-    }
-    ssize_t n = read(l->fd, l->buf + l->len, l->cap - l->len - 1);
-    if (n < 0 && errno == EINTR)
-        return 0;
-    if (n <= 0)
-        return -1;
-    l->len += (size_t)n;
-    return 0;
-}
-
-/* Next complete line (NUL-terminated in place) or NULL; at EOF the last
- * unterminated line counts. *consumed: bytes to drop after use. */
-static char *s_lines_next(s_lines *l, int eof, size_t *consumed) {
-    char *nl = l->len ? memchr(l->buf, '\n', l->len) : NULL;
-    if (nl) {
-        *nl = 0;
-        *consumed = (size_t)(nl - l->buf) + 1;
-    } else if (eof && l->len) {
-        l->buf[l->len] = 0;
-        *consumed = l->len;
-    } else {
-        return NULL;
-    }
-    l->lineno++;
-    return l->buf;
-}
-
-static void s_lines_drop(s_lines *l, size_t n) {
-    memmove(l->buf, l->buf + n, l->len - n);
-    l->len -= n;
-}
-
-/* ---- the gRPC front door ------------------------------------------------------ */
-
-static int s_live(void *ctx, int e) { return mm_dispatch_live(ctx, e); }
-
-static int s_all_live(const mm_dispatch *d, int n) {
-    for (int e = 0; e < n; e++)
-        if (!mm_dispatch_live(d, e))
-            return 0;
-    return 1;
-}
-
-/* "after MS ms, experts without a live replica: 1 3; cases needing them will fail" */
-static void s_report_missing(mm_log *lg, const mm_dispatch *d, int n_experts, int wait_ms) {
-    char list[512] = "";
-    size_t u = 0;
-    for (int e = 0; e < n_experts && u < sizeof list - 16; e++)
-        if (!mm_dispatch_live(d, e))
-            u += (size_t)snprintf(list + u, sizeof list - u, " %d", e);
-    mm_logf(lg, MM_LOG_WARN, NULL,
-            "after %d ms, experts without a live replica:%s; cases needing them will fail", wait_ms,
-            list);
-}
-
-/* Open the front door and run the engine loop until SIGTERM. The objects
- * are the caller's to free (in main's order), also on error. */
-static int s_serve_grpc(const router_args *a, mm_model *m, const mm_tokenizer *tok, mm_dispatch *d,
-                        mm_tenants **tenants, mm_audit **audit, mm_sched **sched,
-                        mm_grpc_server **grpc, mm_log *lg, mm_metrics *reg,
-                        const mm_router_case_metrics *cm, char *err, size_t errlen) {
-    int rc;
-    if ((rc = mm_tenants_load(a->tenants, tenants, err, errlen)) != MM_OK)
-        return rc;
-    if (a->audit_log && (rc = mm_audit_open(a->audit_log, a->audit_fsync, audit, err, errlen)))
-        return rc;
-    mm_sched_options so;
-    mm_sched_options_default(&so);
-    if (so.max_step_rows < (size_t)a->slots)
-        so.max_step_rows = (size_t)a->slots;
-    if ((rc = mm_sched_new(m, tok, &so, sched, err, errlen)) != MM_OK)
-        return rc;
-    const mm_config *cfg = mm_model_config(m);
-    int n_experts = 0;
-    for (int i = 0; i < cfg->n_moe_layers; i++)
-        n_experts = cfg->num_experts[i] > n_experts ? cfg->num_experts[i] : n_experts;
-    mm_grpc_options go;
-    mm_grpc_options_default(&go);
-    go.listen = a->grpc_listen;
-    go.tls_cert = a->tls_cert;
-    go.tls_key = a->tls_key;
-    go.tls_client_ca = a->tls_client_ca;
-    go.max_image_bytes = (size_t)a->max_image_bytes;
-    go.max_question_bytes = (size_t)a->max_question_bytes;
-    go.max_tokens_default = a->max_tokens_default;
-    go.max_tokens_limit = a->max_tokens_limit;
-    go.max_message = (size_t)a->grpc_max_message;
-    go.sched = *sched;
-    go.tenants = *tenants;
-    go.audit = *audit;
-    go.model = m;
-    go.version = MM_VERSION;
-    go.n_experts = n_experts;
-    go.eos_token = mm_tokenizer_eos_id(tok);
-    go.live_replicas = s_live;
-    go.live_ctx = d;
-    go.log = lg;
-    go.metrics = reg;
-    if ((rc = mm_grpc_server_new(&go, grpc, err, errlen)) != MM_OK)
-        return rc;
-    int port = mm_grpc_server_port(*grpc);
-    mm_logf(lg, MM_LOG_INFO, NULL,
-            "gRPC on %s (port %d, %s), %zu tenant(s), %d slot(s), audit log %s", a->grpc_listen,
-            port,
-            a->tls_client_ca ? "mTLS"
-            : a->tls_cert    ? "TLS"
-                             : "plaintext",
-            mm_tenants_count(*tenants), mm_model_n_slots(m), a->audit_log ? a->audit_log : "off");
-    if (a->grpc_port_file) {
-        char text[32];
-        snprintf(text, sizeof text, "%d\n", port);
-        if (s_write_atomic(a->grpc_port_file, text) != 0)
-            return mm_errorf(err, errlen, MM_EIO, "%s: %s", a->grpc_port_file, strerror(errno));
-    }
-    /* --wait-experts does not block here: health says NOT_SERVING until
-     * every expert has a replica; the loop only reports when that happened
-     * or the wait ran out */
-    double wait_until = mm_now_ms() + a->wait_experts;
-    int reported = 0, step_failed = 0;
-    mm_logf(lg, MM_LOG_INFO, NULL, "serving gRPC until SIGTERM");
-    size_t shown_pending = (size_t)-1, shown_active = (size_t)-1;
-    while (!g_stop) {
-        size_t pending = mm_sched_pending(*sched), active = mm_sched_active(*sched);
-        if (pending != shown_pending || active != shown_active) { /* only changes take the lock */
-            mm_metric_set(cm->queue, (double)pending);
-            mm_metric_set(cm->active, (double)active);
-            shown_pending = pending;
-            shown_active = active;
-        }
-        int busy = pending + active > 0;
-        mm_grpc_server_poll(*grpc, busy && !step_failed ? 0 : 5);
-        if (mm_sched_pending(*sched) + mm_sched_active(*sched) > 0) {
-            char serr[1024] = "";
-            int src = mm_sched_step(*sched, serr, sizeof serr);
-            if (src != MM_OK && !step_failed)
-                mm_logf(lg, MM_LOG_ERROR, NULL, "scheduler step: %s: %s", mm_status_str(src), serr);
-            step_failed = src != MM_OK; /* back off to the 5 ms poll while it fails */
-        }
-        if (mm_dispatch_service(d, 0, -1, NULL) != MM_OK)
-            break;
-        if (!reported && s_all_live(d, n_experts)) {
-            mm_logf(lg, MM_LOG_INFO, NULL, "every expert has a live replica");
-            reported = 1;
-        } else if (!reported && a->wait_experts > 0 && mm_now_ms() >= wait_until) {
-            s_report_missing(lg, d, n_experts, a->wait_experts);
-            reported = 1;
-        }
-    }
-    return MM_OK;
-}
-
-/* ---- main ------------------------------------------------------------------ */
 
 int main(int argc, char **argv) {
     router_args a;
@@ -639,252 +375,23 @@ int main(int argc, char **argv) {
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
+    /* The threads the router starts inherit a mask without SIGTERM/SIGINT,
+     * so the signal comes to this thread, whose waits it interrupts. */
+    sigset_t stop_sigs, old;
+    sigemptyset(&stop_sigs);
+    sigaddset(&stop_sigs, SIGTERM);
+    sigaddset(&stop_sigs, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &stop_sigs, &old);
 
+    mm_router_options o;
+    s_options(&a, &o);
+    mm_router *r = NULL;
     char err[1024] = "";
-    mm_backend *be = NULL;
-    mm_model *m = NULL;
-    mm_tokenizer *tok = NULL;
-    mm_dispatch *d = NULL;
-    char(*fps)[MM_FINGERPRINT_HEX] = NULL;
-    char(*allow)[41] = NULL;
-    const char **allow_ptr = NULL;
-    s_lines lines = {.fd = -1};
-    mm_tenants *tenants = NULL;
-    mm_audit *audit = NULL;
-    mm_sched *sched = NULL;
-    mm_grpc_server *grpc = NULL;
-    mm_log *lg = NULL;
-    mm_metrics *reg = NULL;
-    mm_metrics_server *msrv = NULL;
-    mm_router_case_metrics cm = {0};
-    int status = 1;
-
-    /* a NULL logger (out of memory) still logs, as text to stderr */
-    mm_log_new("medmoe-router", stderr, a.log_format, a.log_level, &lg);
-    /* The metrics endpoint comes up first: /healthz answers while the model
-     * loads, and the families exist (at 0) before the first case. */
-    if (a.metrics_listen) {
-        if ((rc = mm_metrics_new(&reg)) != MM_OK) {
-            mm_errorf(err, sizeof err, rc, "metrics registry: out of memory");
-            goto fail;
-        }
-        if ((rc = mm_router_case_metrics_init(reg, &cm)) != MM_OK) {
-            mm_errorf(err, sizeof err, rc, "metrics: %s", mm_metrics_error(reg));
-            goto fail;
-        }
-        if ((rc = mm_metrics_serve(reg, a.metrics_listen, &msrv, err, sizeof err)) != MM_OK) {
-            status = rc == MM_EINVAL ? 2 : 1;
-            goto fail;
-        }
-        if (a.metrics_port_file && (rc = mm_metrics_server_write_port(msrv, a.metrics_port_file,
-                                                                      err, sizeof err)) != MM_OK)
-            goto fail;
-        mm_logf(lg, MM_LOG_INFO, NULL, "metrics on http://%s/metrics (port %d)", a.metrics_listen,
-                mm_metrics_server_port(msrv));
-    }
-
-    double t0 = mm_now_ms();
-    if ((rc = mm_backend_new(a.backend, &be, err, sizeof err)) != MM_OK)
-        goto fail;
-    mm_model_options mo;
-    mm_model_options_default(&mo);
-    mo.vision_dir = a.vision;
-    mo.load_trunk = 1;
-    mo.experts_mask = 0; /* the routed experts live on the expert nodes */
-    if (a.grpc_listen)
-        mo.n_slots = a.slots; /* one KV-cache slot per case in flight */
-    if ((rc = mm_model_load(a.model, be, &mo, &m, err, sizeof err)) != MM_OK)
-        goto fail;
-    if ((rc = mm_tokenizer_load(a.model, &tok, err, sizeof err)) != MM_OK)
-        goto fail;
-    const mm_config *cfg = mm_model_config(m);
-    int n_experts = 0;
-    for (int i = 0; i < cfg->n_moe_layers; i++)
-        n_experts = cfg->num_experts[i] > n_experts ? cfg->num_experts[i] : n_experts;
-    if (n_experts < 1) {
-        rc = mm_errorf(err, sizeof err, MM_EINVAL, "%s: the model has no MoE layer", a.model);
-        goto fail;
-    }
-    double t_fp = mm_now_ms();
-    fps = calloc((size_t)n_experts, sizeof *fps);
-    if (!fps) {
-        rc = mm_errorf(err, sizeof err, MM_ENOMEM, "out of memory");
-        goto fail;
-    }
-    char cfg_path[4096];
-    snprintf(cfg_path, sizeof cfg_path, "%s/config.json", a.model);
-    for (int e = 0; e < n_experts; e++)
-        if ((rc = mm_fingerprint_expert(cfg_path, mm_model_checkpoint(m), cfg, e, a.fp_flags,
-                                        fps[e], err, sizeof err)) != MM_OK)
-            goto fail;
-    mm_logf(lg, MM_LOG_INFO, NULL,
-            "model %s loaded in %.0f ms (%s, backend %s); %d expert "
-            "fingerprints (%s) in %.0f ms",
-            a.model, t_fp - t0, mm_model_variant(m), mm_backend_describe(be), n_experts,
-            a.fp_flags ? "headers" : "full", mm_now_ms() - t_fp);
-
-    mm_dispatch_options dopt;
-    mm_dispatch_options_default(&dopt);
-    dopt.bind = a.bind;
-    dopt.heartbeat_ms = a.heartbeat_ms;
-    dopt.expert_wait_ms = a.expert_wait_ms;
-    dopt.batch_timeout_ms = a.batch_timeout_ms;
-    dopt.n_experts = n_experts;
-    dopt.hidden = cfg->hidden_size;
-    dopt.cfg = cfg;
-    dopt.fingerprints = (const char(*)[MM_FINGERPRINT_HEX])fps;
-    dopt.stop = &g_stop;
-    dopt.log = lg;
-    dopt.metrics = reg;
-    char secret[1][41];
-    if (a.curve_secret) {
-        size_t n = 0, n_allow = 0;
-        if ((rc = mm_wire_read_keys(a.curve_secret, secret, 1, &n, err, sizeof err)) != MM_OK)
-            goto fail;
-        allow = calloc(MAX_ALLOW, sizeof *allow);
-        allow_ptr = calloc(MAX_ALLOW, sizeof *allow_ptr);
-        if (!allow || !allow_ptr) {
-            rc = mm_errorf(err, sizeof err, MM_ENOMEM, "out of memory");
-            goto fail;
-        }
-        for (size_t i = 0; i < a.n_allow_files; i++)
-            if ((rc = mm_wire_read_keys(a.allow_files[i], allow, MAX_ALLOW, &n_allow, err,
-                                        sizeof err)) != MM_OK)
-                goto fail;
-        for (size_t i = 0; i < n_allow; i++)
-            allow_ptr[i] = allow[i];
-        dopt.curve_secret = secret[0];
-        dopt.curve_allow = allow_ptr;
-        dopt.n_allow = n_allow;
-        char pub[41];
-        if (zmq_curve_public(pub, secret[0]) != 0) {
-            rc =
-                mm_errorf(err, sizeof err, MM_EINVAL, "%s: not a CURVE secret key", a.curve_secret);
-            goto fail;
-        }
-        mm_logf(lg, MM_LOG_INFO, NULL, "CURVE on: public key %s, %zu allowed expert key(s)", pub,
-                n_allow);
-    }
-    if ((rc = mm_dispatch_new(&dopt, &d, err, sizeof err)) != MM_OK)
-        goto fail;
-    mm_logf(lg, MM_LOG_INFO, NULL, "experts connect to %s", mm_dispatch_endpoint(d));
-    if (a.endpoint_file) {
-        char text[300];
-        snprintf(text, sizeof text, "%s\n", mm_dispatch_endpoint(d));
-        if (s_write_atomic(a.endpoint_file, text) != 0) {
-            rc = mm_errorf(err, sizeof err, MM_EIO, "%s: %s", a.endpoint_file, strerror(errno));
-            goto fail;
-        }
-    }
-    mm_expert_runner runner;
-    mm_dispatch_runner(d, &runner);
-    mm_model_set_expert_runner(m, &runner);
-
-    if (a.grpc_listen) {
-        if ((rc = s_serve_grpc(&a, m, tok, d, &tenants, &audit, &sched, &grpc, lg, reg, &cm, err,
-                               sizeof err)) != MM_OK)
-            goto fail;
-        status = 0;
-        goto done;
-    }
-
-    if (a.wait_experts > 0 && !g_stop) {
-        if (mm_dispatch_wait_experts(d, a.wait_experts))
-            mm_logf(lg, MM_LOG_INFO, NULL, "every expert has a live replica");
-        else
-            s_report_missing(lg, d, n_experts, a.wait_experts);
-    }
-
-    if (a.cases) {
-        lines.fd = strcmp(a.cases, "-") ? open(a.cases, O_RDONLY | O_CLOEXEC) : 0;
-        if (lines.fd < 0) {
-            rc = mm_errorf(err, sizeof err, MM_EIO, "%s: %s", a.cases, strerror(errno));
-            goto fail;
-        }
-        int eof = 0;
-        size_t n_cases = 0;
-        while (!g_stop) {
-            size_t used;
-            char *line = s_lines_next(&lines, eof, &used);
-            if (line) {
-                if (strspn(line, " \t\r") != strlen(line)) {
-                    s_case(m, tok, line, lines.lineno, lg, &cm);
-                    n_cases++;
-                }
-                s_lines_drop(&lines, used);
-                continue;
-            }
-            if (eof)
-                break;
-            int ready = 0;
-            if (mm_dispatch_service(d, a.heartbeat_ms, lines.fd, &ready) != MM_OK)
-                break;
-            if (ready && s_lines_fill(&lines) != 0)
-                eof = 1;
-        }
-        mm_logf(lg, MM_LOG_INFO, NULL, "%zu case(s) done", n_cases);
-    }
-    if (!a.cases || a.serve) {
-        mm_logf(lg, MM_LOG_INFO, NULL, "serving until SIGTERM");
-        while (!g_stop && mm_dispatch_service(d, a.heartbeat_ms, -1, NULL) == MM_OK) {
-        }
-    }
-    status = 0;
-    goto done;
-fail:
-    mm_logf(lg, MM_LOG_ERROR, NULL, "%s: %s", mm_status_str(rc), err);
-done:
-    if (g_stop)
-        mm_logf(lg, MM_LOG_INFO, NULL, "signal received, shutting down");
-    if (d && a.stats_file) {
-        json_t *st = mm_dispatch_stats(d);
-        char *s = st ? json_dumps(st, JSON_INDENT(1)) : NULL;
-        if (!s || s_write_atomic(a.stats_file, s) != 0)
-            mm_logf(lg, MM_LOG_ERROR, NULL, "cannot write %s", a.stats_file);
-        free(s);
-        json_decref(st);
-    }
-    if (d) {
-        json_t *st = mm_dispatch_stats(d);
-        json_t *t = json_object_get(st, "dispatch");
-        mm_logf(lg, MM_LOG_INFO, NULL,
-                "dispatched %lld MoE layer(s), %lld batch(es): round trip "
-                "mean %.0f us (min %.0f, max %.0f), expert compute mean %.0f us, layer wait "
-                "mean %.0f us; %lld message(s) dropped, %lld batch(es) re-sent",
-                (long long)json_integer_value(json_object_get(t, "moe_layers")),
-                (long long)json_integer_value(json_object_get(t, "batches")),
-                json_real_value(json_object_get(t, "batch_rtt_us_mean")),
-                json_real_value(json_object_get(t, "batch_rtt_us_min")),
-                json_real_value(json_object_get(t, "batch_rtt_us_max")),
-                json_real_value(json_object_get(t, "expert_compute_us_mean")),
-                json_real_value(json_object_get(t, "layer_wait_us_mean")),
-                (long long)json_integer_value(json_object_get(st, "dropped_messages")),
-                (long long)json_integer_value(json_object_get(st, "resent_batches")));
-        json_decref(st);
-    }
-    /* order matters: stop accepting, end the cases (their calls get
-     * UNAVAILABLE "shutting down"), send those statuses, then the rest */
-    mm_grpc_server_shutdown(grpc);
-    mm_sched_destroy(&sched);
-    mm_grpc_server_destroy(&grpc);
-    mm_audit_close(&audit);
-    mm_tenants_destroy(&tenants);
-    if (m)
-        mm_model_set_expert_runner(m, NULL);
-    mm_dispatch_destroy(&d);
-    if (lines.fd > 0)
-        close(lines.fd);
-    free(lines.buf);
-    free(fps);
-    free(allow);
-    free(allow_ptr);
-    mm_tokenizer_destroy(&tok);
-    mm_model_destroy(&m);
-    mm_backend_destroy(&be);
-    /* last: the dispatcher and the front door update families of reg until
-     * they are gone; the server renders reg, so it stops first */
-    mm_metrics_server_stop(&msrv);
-    mm_metrics_destroy(&reg);
-    mm_log_destroy(&lg);
-    return status;
+    rc = mm_router_new(&o, &r, err, sizeof err); /* on failure also logged */
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != MM_OK)
+        return rc == MM_EINVAL ? 2 : 1;
+    rc = mm_router_run(r);
+    mm_router_destroy(&r);
+    return rc == MM_OK ? 0 : 1;
 }

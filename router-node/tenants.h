@@ -20,7 +20,7 @@
  *     }
  *     mm_tenants_destroy(&t);
  *
- * Single-threaded (the router's engine thread), like everything it serves.
+ * Single-threaded: the router's gRPC completion-queue thread is its only user.
  */
 #ifndef MM_TENANTS_H
 #define MM_TENANTS_H
