@@ -895,7 +895,7 @@ fail:
  * Gate logits, softmax and top-k run on the device; the choices come back to
  * the host to group rows by expert (the router sends one batch per expert). */
 static int s_moe_forward(mm_model *m, s_scratch *s, int l, const mm_tensor *xn, mm_tensor *y,
-                         int32_t *routing, char *err, size_t errlen) {
+                         int32_t *routing, double deadline_ms, char *err, size_t errlen) {
     const mm_config *c = &m->cfg;
     mm_backend *be = m->be;
     mm_moe *mo = m->layers[l].moe;
@@ -997,6 +997,7 @@ static int s_moe_forward(mm_model *m, s_scratch *s, int l, const mm_tensor *xn, 
         j->moe = moe;
         j->expert = (int)e;
         j->n = n;
+        j->deadline_ms = deadline_ms;
         TMP(jidx[njobs], s_tmp(s, MM_I32, n, 1));
         TMP(jw[njobs], s_tmp(s, MM_F32, n, 1));
         TMP(j->x, s_tmp(s, MM_F32, n, H));
@@ -1139,8 +1140,8 @@ int mm_model_forward(mm_model *m, const mm_step *st, float *logits, int32_t *rou
         }
         if (ly->moe) {
             int mi = mm_config_is_moe_layer(c, l);
-            rc = s_moe_forward(m, &s, l, fin, f, routing ? routing + (size_t)mi * T * k : NULL, err,
-                               errlen);
+            rc = s_moe_forward(m, &s, l, fin, f, routing ? routing + (size_t)mi * T * k : NULL,
+                               st->deadline_ms, err, errlen);
             if (rc != MM_OK)
                 goto out;
         } else {

@@ -92,6 +92,10 @@ typedef struct mm_step {
     const int32_t *slot;        /* [n] KV-cache slot of each row                */
     const int32_t *pos;         /* [n] absolute position of each row            */
     const uint8_t *want_logits; /* [n] 1: return this row's logits              */
+    double deadline_ms;         /* absolute, on mm_now_ms()'s clock: the earliest
+                                   deadline of the step's cases; 0 = none. Copied
+                                   into every mm_expert_job (remote experts drop
+                                   work past it)                               */
 } mm_step;
 
 /* logits: [count of want_logits, vocab_size] f32, in row order (may be NULL
@@ -104,12 +108,13 @@ int mm_model_forward(mm_model *m, const mm_step *s, float *logits, int32_t *rout
 
 /* One expert's share of one MoE layer. */
 typedef struct mm_expert_job {
-    int layer;    /* decoder layer index                          */
-    int moe;      /* MoE ordinal (index into config num_experts)  */
-    int expert;   /* expert index within the layer                */
-    size_t n;     /* token rows                                   */
-    mm_tensor *x; /* [n, hidden] f32 input rows (normalised)      */
-    mm_tensor *y; /* [n, hidden] f32 output rows, to be filled    */
+    int layer;          /* decoder layer index                          */
+    int moe;            /* MoE ordinal (index into config num_experts)  */
+    int expert;         /* expert index within the layer                */
+    size_t n;           /* token rows                                   */
+    mm_tensor *x;       /* [n, hidden] f32 input rows (normalised)      */
+    mm_tensor *y;       /* [n, hidden] f32 output rows, to be filled    */
+    double deadline_ms; /* absolute (mm_now_ms() clock), the step's; 0 = none */
 } mm_expert_job;
 
 /* start() is called with all jobs of a layer, then the model computes the
