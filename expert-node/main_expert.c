@@ -7,6 +7,12 @@
  * then Work -> Result; heartbeats while idle; the router silent for 3
  * intervals -> a new socket after a back-off and Hello again.
  *
+ * Deadlines: a Work's deadline_ms counts from its receipt; a batch whose
+ * deadline passed while it waited for the compute thread is answered
+ * ERROR_EXPIRED without compute (its cases are out of time; the router fails
+ * them and does not blame this replica). A probe Work (a quarantined
+ * replica's test, one synthetic row) is computed like any other.
+ *
  * Observability (issue 6): one log line per event (common/log.h, --log-format
  * text|json) and, with --metrics-listen, a Prometheus endpoint
  * (common/metrics.h) with the medmoe_expert_* series listed in s_metrics_init.
@@ -25,8 +31,8 @@
 #include <zmq.h>
 
 #include "args.h"
-#include "fingerprint.h"
 #include "clock.h"
+#include "fingerprint.h"
 #include "log.h"
 #include "medmoe.h"
 #include "metrics.h"
@@ -68,6 +74,8 @@ static void usage(FILE *f) {
                "  --log-format text|json   log line format on stderr (default text)\n"
                "  --log-level L            debug|info|warn|error (default info)\n"
                "  --debug-delay-ms N       sleep N ms before each batch reply (tests)\n"
+               "  --debug-fail-batches     answer every batch ERROR_INTERNAL (tests)\n"
+               "  --debug-never-answer     keep heartbeating, never answer a batch (tests)\n"
                "  -h, --help               this text\n"
                "\n"
                "Exit status: 0 after SIGTERM/SIGINT, 2 bad usage, 3 refused by the router,\n"
@@ -78,6 +86,8 @@ typedef struct expert_args {
     const char *model, *router, *backend, *server_key, *key;
     const char *metrics_listen, *metrics_port_file; /* NULL: no metrics endpoint */
     int expert, heartbeat_ms, capacity, give_up_ms, delay_ms;
+    int fail_batches; /* --debug-fail-batches: every batch answers ERROR_INTERNAL */
+    int never_answer; /* --debug-never-answer: Work is swallowed, heartbeats go on */
     unsigned fp_flags;
     mm_log_format log_format;
     mm_log_level log_level;
@@ -95,6 +105,8 @@ static int parse_args(int argc, char **argv, expert_args *a) {
                                          {"curve-key", required_argument, 0, 'k'},
                                          {"give-up-ms", required_argument, 0, 'g'},
                                          {"debug-delay-ms", required_argument, 0, 'd'},
+                                         {"debug-fail-batches", no_argument, 0, 'f'},
+                                         {"debug-never-answer", no_argument, 0, 'n'},
                                          {"metrics-listen", required_argument, 0, 'M'},
                                          {"metrics-port-file", required_argument, 0, 'P'},
                                          {"log-format", required_argument, 0, 'L'},
@@ -132,6 +144,8 @@ static int parse_args(int argc, char **argv, expert_args *a) {
         case 'd':
             rc = mm_arg_int("medmoe-expert", "--debug-delay-ms", optarg, 0, &a->delay_ms);
             break;
+        case 'f': a->fail_batches = 1; break;
+        case 'n': a->never_answer = 1; break;
         case 'M': a->metrics_listen = optarg; break;
         case 'P': a->metrics_port_file = optarg; break;
         case 'L': rc = mm_arg_log_format("medmoe-expert", optarg, &a->log_format); break;
@@ -199,6 +213,7 @@ typedef struct s_job {
     mm_wire_msg msg;    /* the Work and its tensor frame (owned)              */
     unsigned gen;       /* connection it arrived on: replies to older ones die */
     double t0;          /* receipt time (ms)                                  */
+    double deadline;    /* t0 + Work.deadline_ms: not computed after (0: none) */
     int code;           /* ErrorCode of the reply                             */
     char text[512];     /* message when code != OK                            */
     mm_wire_buf *out;   /* y rows when code == OK                             */
@@ -394,6 +409,20 @@ static int s_validate(s_node *n, const mm_wire_msg *msg, char *text, size_t len)
 /* Compute one validated job (compute thread): j->out or j->code/j->text. */
 static void s_compute(s_node *n, s_job *j) {
     const Medmoe__Wire__Work *w = j->msg.env->work;
+    double now = mm_now_ms();
+    if (j->deadline > 0 && now >= j->deadline) {
+        /* The cases it serves are out of time: computing it helps nobody. */
+        snprintf(j->text, sizeof j->text,
+                 "deadline of %u ms passed before compute (%.0f ms in the queue)", w->deadline_ms,
+                 now - j->t0);
+        j->code = MEDMOE__WIRE__ERROR_CODE__ERROR_EXPIRED;
+        return;
+    }
+    if (n->a.fail_batches) {
+        snprintf(j->text, sizeof j->text, "--debug-fail-batches");
+        j->code = MEDMOE__WIRE__ERROR_CODE__ERROR_INTERNAL;
+        return;
+    }
     mm_backend *be = mm_model_backend(n->m);
     size_t H = (size_t)n->cfg->hidden_size, want = j->msg.tensor_len;
     int rc = MM_OK;
@@ -543,6 +572,14 @@ static void s_flush_done(s_node *n) {
 static void s_work(s_node *n, s_job *j) {
     j->gen = n->gen;
     j->t0 = mm_now_ms();
+    const Medmoe__Wire__Work *w = j->msg.env->work;
+    j->deadline = w->deadline_ms ? j->t0 + w->deadline_ms : 0;
+    if (n->a.never_answer) {
+        s_log(n, MM_LOG_INFO, "--debug-never-answer: ignoring %s %llu (layer %d, %u rows)",
+              w->probe ? "probe" : "batch", (unsigned long long)w->batch_id, w->layer, w->rows);
+        s_job_free(j);
+        return;
+    }
     int code = s_validate(n, &j->msg, j->text, sizeof j->text);
     pthread_mutex_lock(&n->mu);
     if (!code && n->n_todo >= S_QUEUE_MAX) {

@@ -223,6 +223,7 @@ const char *mm_wire_error_str(int code) {
     case MEDMOE__WIRE__ERROR_CODE__ERROR_BAD_REQUEST: return "BAD_REQUEST";
     case MEDMOE__WIRE__ERROR_CODE__ERROR_EXPERT_NOT_LOADED: return "EXPERT_NOT_LOADED";
     case MEDMOE__WIRE__ERROR_CODE__ERROR_INTERNAL: return "INTERNAL";
+    case MEDMOE__WIRE__ERROR_CODE__ERROR_EXPIRED: return "EXPIRED";
     default: return "UNKNOWN";
     }
 }
