@@ -39,7 +39,10 @@ if(TARGET medmoe-router AND TARGET medmoe-expert AND TARGET medmoe AND TARGET me
       "cancel|90|"
       "tls|120|${MM_GRPC_NODE_FIXTURE}"
       "audit|60|"
-      "robust|120|")
+      "robust|120|"
+      "slow_image|120|"
+      "slow_image_30s|180|"
+      "one_engine|120|")
   if(MM_GRPC_NODE_FIXTURE)
     list(APPEND MM_GRPC_TESTS "node|60|grpc_node_deps")
   endif()

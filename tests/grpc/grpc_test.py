@@ -841,6 +841,210 @@ def scenario_robust(a):
         alive("a client killed mid-stream")
 
 
+# ---- 8. one engine: threads that do not wait on each other ------------------------------------------
+def metrics_port(cl, path, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(path) as f:
+                s = f.read().strip()
+            if s.isdigit():
+                return int(s)
+        except FileNotFoundError:
+            pass
+        if not cl.router.alive():
+            raise TestFailure("router exited before writing --metrics-port-file\n%s" % cl.router.describe())
+        time.sleep(0.02)
+    raise TestFailure("no --metrics-port-file within %d s" % timeout)
+
+
+def gauge(port, name):
+    import urllib.request
+    with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=5) as r:
+        text = r.read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise TestFailure("/metrics has no %s:\n%s" % (name, text[:1500]))
+
+
+def wait_in_image_stage(port, bg, timeout=20):
+    """Until the scheduler holds a case that is not running yet (medmoe_queue_depth >= 1): the
+    image case `bg` sent just before is in the image stage."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if bg.done_at is not None:
+            raise TestFailure("the image case ended before it was seen in the image stage (%r)" % bg.error)
+        if gauge(port, "medmoe_queue_depth") >= 1:
+            return
+        time.sleep(0.02)
+    raise TestFailure("medmoe_queue_depth never reached 1 within %d s of sending the image case" % timeout)
+
+
+def start_slow_vision(cl, a, delay_ms):
+    """Tenants A and B; a router whose every vision encode sleeps delay_ms, one image worker, metrics."""
+    cl.image_path = a.image
+    ta = cl.tenant("hospital-a", max_concurrent=8)
+    tb = cl.tenant("hospital-b", max_concurrent=8)
+    mport = os.path.join(a.workdir, "metrics.port")
+    cl.start(a.model, router_extra=["--debug-vision-delay-ms", str(delay_ms), "--image-workers", "1",
+                                    "--metrics-listen", "127.0.0.1:0", "--metrics-port-file", mport])
+    return ta, tb, metrics_port(cl, mport)
+
+
+def scenario_slow_image(a):
+    """An image that takes 5 s in the image stage delays no other tenant's text-only case."""
+    with G.GrpcCluster(bins(a), a.workdir) as cl:
+        ta, tb, mport = start_slow_vision(cl, a, 5000)
+        ca, cb = cl.client(ta), cl.client(tb)
+        qb = "Is there a fracture?"
+        ref_a = G.reference(cl, QUESTION, a.image, 8)
+        ref_b = G.reference(cl, qb, None, 6)
+
+        def b_case(what):
+            t0 = time.monotonic()
+            ans = MC.to_dict(cb.ask(qb, max_tokens=6, case_id="b", timeout=60))
+            G.check_answer(ans, ref_b, what, case_id="b")
+            return time.monotonic() - t0
+
+        b_case("B warm-up")
+        times = sorted(b_case("B alone %d" % i) for i in range(3))
+        alone = times[1]
+        t_a = time.monotonic()
+        bg = G.Background(lambda: MC.to_dict(ca.ask(QUESTION, image=png(a), max_tokens=8, case_id="slow-a",
+                                                      timeout=90)), "A's slow image case")
+        wait_in_image_stage(mport, bg)
+        during = b_case("B while A's image is in the image stage")
+        a_pending = bg.done_at is None
+        ans_a = bg.join(60)
+        a_took = bg.done_at - t_a
+        log("B's text-only case: %.3f s alone (median of 3), %.3f s while A's image was encoding; "
+            "A's case took %.2f s" % (alone, during, a_took))
+        G.check_answer(ans_a, ref_a, "A's slow image case", case_id="slow-a")
+        if a_took < 5.0:
+            raise TestFailure("A's image case took %.2f s with --debug-vision-delay-ms 5000: the delay did not "
+                              "apply, the test proves nothing" % a_took)
+        if not a_pending:
+            raise TestFailure("B's case ended after A's (%.2f s): it waited for A's image" % during)
+        if during > alone + 1.0:
+            raise TestFailure("B's text-only case took %.3f s while A's image was in the image stage, %.3f s "
+                              "alone (limit +1 s)" % (during, alone))
+
+
+def scenario_slow_image_30s(a):
+    """A 30 s vision encode: no expert is dropped, other cases keep decoding, the slow case ends."""
+    with G.GrpcCluster(bins(a), a.workdir) as cl:
+        ta, tb, mport = start_slow_vision(cl, a, 30000)
+        ca, cb = cl.client(ta), cl.client(tb)
+        qb = "Describe the findings."
+        ref_a = G.reference(cl, QUESTION, a.image, 8)
+        ref_b = G.reference(cl, qb, None, 8)
+        joins = {k: len(D.router_joined_re(k).findall(cl.router.log_text())) for k in range(4)}
+        t_a = time.monotonic()
+        bg = G.Background(lambda: MC.to_dict(ca.ask(QUESTION, image=png(a), max_tokens=8, case_id="slow-a",
+                                                      timeout=120)), "A's 30 s image case")
+        wait_in_image_stage(mport, bg)
+        done = streamed = infos = 0
+        while bg.done_at is None and time.monotonic() - t_a < 100:
+            G.check_answer(MC.to_dict(cb.ask(qb, max_tokens=8, case_id="b%d" % done, timeout=30)), ref_b,
+                           "B's case %d during A's encode" % done, case_id="b%d" % done)
+            done += 1
+            if done % 5 == 0:
+                _, _, final = G.stream_answer(cb.ask_stream(qb, max_tokens=8, case_id="s", timeout=30),
+                                              "B's stream during A's encode")
+                G.check_answer(final, ref_b, "B's stream during A's encode", case_id="s")
+                streamed += 1
+                info = cb.server_info(timeout=10)
+                live = sorted((int(x.expert), int(x.live_replicas)) for x in info.experts)
+                if live != [(k, 1) for k in range(4)]:
+                    raise TestFailure("GetServerInfo %.1f s into A's encode: (expert, live replicas) %s, want one "
+                                      "of each\n%s" % (time.monotonic() - t_a, live, cl.router.describe()))
+                infos += 1
+        ans_a = bg.join(30)
+        a_took = bg.done_at - t_a
+        G.check_answer(ans_a, ref_a, "A's 30 s image case", case_id="slow-a")
+        log("during A's %.1f s case: %d Ask + %d AskStream cases of B answered correctly, %d GetServerInfo "
+            "with every expert live" % (a_took, done, streamed, infos))
+        if a_took < 30.0:
+            raise TestFailure("A's case took %.1f s with --debug-vision-delay-ms 30000" % a_took)
+        if infos < 2:
+            raise TestFailure("only %d GetServerInfo checks during the encode (B's cases too slow?)" % infos)
+        text = cl.router.log_text()
+        bad = [ln for ln in text.splitlines() if re.search(r"\bleft:|quarantin", ln)]
+        if bad:
+            raise TestFailure("the router dropped or quarantined replicas during the encode:\n  %s"
+                              % "\n  ".join(bad[:10]))
+        again = {k: len(D.router_joined_re(k).findall(text)) for k in range(4)}
+        if again != joins:
+            raise TestFailure("experts joined again during the encode (joins before %s, after %s)" % (joins, again))
+        for e in cl.experts:
+            if not e.alive():
+                raise TestFailure("%s exited during the encode\n%s" % (e.name, e.describe()))
+        cl.wait_health("SERVING", 10)
+
+
+def scenario_one_engine(a):
+    """medmoe-run --json, the router's --cases and gRPC give the same tokens, routing and logits."""
+    cases = [{"id": "img", "image": a.image, "question": QUESTION, "max_tokens": 16},
+             {"id": "text", "question": "Describe the findings.", "max_tokens": 8},
+             {"id": "cls", "image": a.image, "question": QUESTION, "candidates": ",".join(CANDIDATES),
+              "max_tokens": 0}]
+    refs = {c["id"]: D.reference(a.run, a.model, {k: v for k, v in c.items() if k != "id"}, a.workdir)
+            for c in cases}
+    # medmoe-run's logits of the image case, for the router's dump_logits
+    ref_logits = os.path.join(a.workdir, "run-img.f32")
+    p = run_cmd([a.run, "--model", a.model, "--vision", os.path.join(a.model, "clip"), "--json",
+                 "--dump-logits", ref_logits] + D.case_run_args(cases[0]), 60)
+    if p.returncode != 0:
+        raise TestFailure("medmoe-run --dump-logits: exit %d: %s" % (p.returncode, p.stderr[-1500:]))
+    with open(os.path.join(a.model, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+
+    cases_out = {}
+    with D.Cluster(bins(a), os.path.join(a.workdir, "cases")) as cl:
+        cl.start_router(a.model)
+        for k in range(4):
+            cl.start_expert(a.model, k)
+        got_logits = os.path.join(cl.workdir, "router-img.f32")
+        for c in cases:
+            case = dict(c, dump_logits=got_logits) if c["id"] == "img" else c
+            ans = cl.router.ask(case, 60)
+            D.check_equal(ans, refs[c["id"]][1], cl.workdir, "--cases %s" % c["id"])
+            cases_out[c["id"]] = ans
+        cl.finish_router()
+        got_img = os.path.join(cl.workdir, "answer-img.json")
+        with open(got_img, "w") as f:
+            json.dump(cases_out["img"], f)
+        cmp = run_cmd([D.PYTHON, D.COMPARE, refs["img"][1], got_img,
+                       "--logits", ref_logits, got_logits, "--vocab", str(vocab)], 60)
+        if cmp.returncode != 0:
+            raise TestFailure("--cases dump_logits differs from medmoe-run --dump-logits: %s" % cmp.stdout.strip())
+        log("--cases dump_logits equal to medmoe-run --dump-logits (%s)" % cmp.stdout.strip())
+
+    with G.GrpcCluster(bins(a), os.path.join(a.workdir, "grpc")) as cl:
+        cl.image_path = a.image
+        t = cl.tenant("hospital-a", max_concurrent=8)
+        cl.start(a.model)
+        c = cl.client(t)
+        image = png(a)
+        ans = MC.to_dict(c.ask(QUESTION, image=image, max_tokens=16, case_id="img", timeout=60))
+        G.check_answer(ans, refs["img"][0], "gRPC Ask (image)", case_id="img")
+        _, _, fin = G.stream_answer(c.ask_stream(QUESTION, image=image, max_tokens=16, case_id="img-s",
+                                                 timeout=60), "gRPC AskStream (image)")
+        G.check_answer(fin, refs["img"][0], "gRPC AskStream (image)", case_id="img-s")
+        ans_t = MC.to_dict(c.ask("Describe the findings.", max_tokens=8, case_id="text", timeout=60))
+        G.check_answer(ans_t, refs["text"][0], "gRPC Ask (text only)", case_id="text")
+        res = MC.to_dict(c.classify(QUESTION, CANDIDATES, image=image, case_id="cls", timeout=60))
+        G.check_classify(res, refs["cls"][0], "gRPC Classify", case_id="cls")
+        for cid, g in (("img", ans), ("text", ans_t)):
+            if [int(x) for x in g["tokens"]] != cases_out[cid]["tokens"]:
+                raise TestFailure("case %s: gRPC tokens %s, --cases tokens %s" % (cid, g["tokens"],
+                                                                                 cases_out[cid]["tokens"]))
+        if [x["text"] for x in res["candidates"]] != [x["text"] for x in cases_out["cls"]["candidates"]]:
+            raise TestFailure("Classify ranking differs between gRPC and --cases")
+    log("medmoe-run, --cases and gRPC: same tokens, routing, candidates and logits")
+
+
 def scenario_node_deps(a):
     """npm ci into the build tree (the package-lock pins @grpc/grpc-js and @grpc/proto-loader)."""
     dst = os.path.dirname(a.node_modules.rstrip("/"))
@@ -870,6 +1074,7 @@ SCENARIOS = {
     "status_unavailable": scenario_status_unavailable, "status_deadline": scenario_status_deadline,
     "tenants": scenario_tenants, "stream32": scenario_stream32, "cancel": scenario_cancel,
     "tls": scenario_tls, "audit": scenario_audit, "robust": scenario_robust, "node_deps": scenario_node_deps,
+    "slow_image": scenario_slow_image, "slow_image_30s": scenario_slow_image_30s, "one_engine": scenario_one_engine,
 }
 
 
