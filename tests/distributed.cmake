@@ -23,7 +23,10 @@ if(TARGET medmoe-router AND TARGET medmoe-expert AND TARGET medmoe-run)
       "fingerprint|stablelm-f32|fingerprint|60"
       "garbage|stablelm-f32|garbage|120"
       "rogue|stablelm-f32|rogue|90"
-      "cli|stablelm-f32|cli|60")
+      "cli|stablelm-f32|cli|60"
+      "silent|stablelm-f32|silent|180"
+      "failing|stablelm-f32|failing|180"
+      "expired|stablelm-f32|expired|60")
   if(TARGET medmoe-keygen)
     list(APPEND MM_DIST_TESTS "curve|stablelm-f32|curve|90")
   endif()
@@ -45,4 +48,14 @@ if(TARGET medmoe-router AND TARGET medmoe-expert AND TARGET medmoe-run)
                          FIXTURES_REQUIRED "tiny_${ckpt};tiny_images"
                          TIMEOUT ${timeout} LABELS "distributed")
   endforeach()
+endif()
+
+# The dispatch thread against fake experts in one process (real ZeroMQ on loopback): a busy
+# engine keeps heartbeats going, hedging past a silent replica, quarantine that survives a
+# Hello again, error answers re-sent at once, EXPIRED, Work.deadline_ms, exact in-flight counts.
+if(TARGET mm_dispatch)
+  add_executable(test_dispatch ${CMAKE_CURRENT_SOURCE_DIR}/distributed/test_dispatch.c)
+  target_link_libraries(test_dispatch PRIVATE mm_dispatch)
+  add_test(NAME dist_dispatch_unit COMMAND test_dispatch)
+  set_tests_properties(dist_dispatch_unit PROPERTIES TIMEOUT 120 LABELS "distributed")
 endif()

@@ -23,6 +23,14 @@ Scenarios (one ctest each, see tests/distributed.cmake):
                sizes, ids, no tensor, BUSY/DRAINING + late replies): dropped, re-sent, exact
   curve        CurveZMQ: allowed key serves, unlisted key gets nothing
   cli          --help, bad arguments, SIGTERM → exit 0 promptly
+  silent       (gRPC, concurrent cases) a replica that heartbeats and never answers beside a
+               healthy one: every case exact and within seconds (hedged re-sends); the silent one
+               gets one batch, is quarantined, and gets none again — also after it says Hello
+               again on a new connection (SIGSTOP until dropped, SIGCONT)
+  failing      (gRPC, concurrent cases) a replica that answers ERROR_INTERNAL to every batch
+               beside a healthy one: zero failed cases; quarantined after one batch
+  expired      the wire alone: a real expert behind a busy compute thread answers EXPIRED to
+               Work whose deadline_ms ran out before compute, computes the others
 Every process is SIGKILLed at the end (process groups); every wait is bounded.
 """
 
@@ -722,8 +730,237 @@ def sc_cli(c):
         raise TestFailure("%d problem(s):\n  - %s" % (len(problems), "\n  - ".join(problems)))
 
 
+# ---------------------------------------------------------------------------------------------
+# Replica faults under concurrent load (gRPC front door: the scheduler batches the cases together,
+# so every step carries several cases' rows to the faulty replica's expert).
+
+CONCURRENT = 4  # cases at once per round
+
+
+def _grpc(c, sub):
+    """A tests/grpc GrpcCluster (router with --grpc-listen) and the grpclib module."""
+    sys.path.insert(0, os.path.join(os.path.dirname(D.HERE), "grpc"))
+    import grpclib as G
+    cl = G.GrpcCluster(c.bins, os.path.join(c.work, sub), hb_ms=HB_MS)
+    cl.tenant_ = cl.tenant("hospital-a", max_concurrent=2 * CONCURRENT)
+    return cl, G
+
+
+def _wait_log(proc, pattern, timeout, what, start=0):
+    """The first match of pattern in proc's log after offset start, within timeout seconds."""
+    rx = re.compile(pattern)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = rx.search(proc.log_text(), start)
+        if m:
+            return m
+        if not proc.alive():
+            raise TestFailure("%s exited while waiting for %s\n%s" % (proc.name, what, proc.describe()))
+        time.sleep(0.02)
+    raise TestFailure("no %s within %d s (looked for /%s/ in %s)\n%s"
+                      % (what, timeout, pattern, proc.name, proc.describe()))
+
+
+def _concurrent_round(cl, G, client, cases, label, bound):
+    """Asks every (question, image, max_tokens, ref) at once; each must equal medmoe-run and
+    finish within bound seconds. Returns the slowest time."""
+    import medmoe_client as MC
+    jobs = []
+    for i, (q, img, n, ref) in enumerate(cases):
+        def one(q=q, img=img, n=n, ref=ref, i=i):
+            t0 = time.monotonic()
+            ans = MC.to_dict(client.ask(q, image=img, max_tokens=n, case_id="%s-%d" % (label, i),
+                                        timeout=bound + 30))
+            dt = time.monotonic() - t0
+            G.check_answer(ans, ref, "%s case %d" % (label, i), case_id="%s-%d" % (label, i))
+            return dt
+        jobs.append(G.Background(one, "%s case %d" % (label, i)))
+    times = [j.join(bound + 60) for j in jobs]  # raises the case's failure
+    log("%s: %d concurrent cases equal to medmoe-run, %s s" % (label, len(times),
+                                                                ", ".join("%.2f" % t for t in times)))
+    slow = [t for t in times if t > bound]
+    if slow:
+        raise TestFailure("%s: case(s) took %s s, bound %.1f s: a faulty replica froze the step"
+                          % (label, ", ".join("%.2f" % t for t in slow), bound))
+    return max(times)
+
+
+def _fault_cases(c, cl, G):
+    with open(c.a.image, "rb") as f:
+        png = f.read()
+    qs = [("What modality is this image?", png, 12), ("Is there a fracture?", None, 8)]
+    refs = [(q, img, n, G.reference(cl, q, c.a.image if img else None, n)) for q, img, n in qs]
+    return [refs[i % len(refs)] for i in range(CONCURRENT)], refs[0][3]
+
+
+def _replicas_of_pid(stats, k, pid):
+    return [r for r in replicas_of(stats, k) if str(r.get("node", "")).endswith(":%d" % pid)]
+
+
+def _check_accounting(stats):
+    if stats.get("inflight_exact") is not True:
+        raise TestFailure("stats inflight_exact = %r: in-flight counts drifted from the open sends"
+                          % stats.get("inflight_exact"))
+    busy = [r for r in stats.get("replicas", []) if r.get("inflight") or r.get("inflight_rows")]
+    if busy:
+        raise TestFailure("in flight after every case ended: %s" % json.dumps(busy))
+
+
+def _faulty_replica(c, sub, flag, ignore_re):
+    """Router (gRPC) + one replica per expert; a warm-up case; then a second replica of the busiest
+    expert started with `flag`; two rounds of concurrent cases (the second after the faulty one said
+    Hello again on a new connection). Returns (stats, k, faulty Proc, batches it was handed)."""
+    cl, G = _grpc(c, sub)
+    with cl:
+        stats_file = os.path.join(cl.workdir, "router.stats.json")
+        cl.start(c.a.model, router_extra=["--stats-file", stats_file])
+        client = cl.client(cl.tenant_)
+        cases, ref0 = _fault_cases(c, cl, G)
+        k, _ = busiest_decode_expert(ref0, 0.0)
+        alone = _concurrent_round(cl, G, client, cases[:1], "warm-up", 60)
+        bound = max(8.0, 3 * alone + 3.0)
+        bad = cl.start_expert(c.a.model, k, extra=[flag], tag="-faulty")
+        log("faulty replica of expert %d: pid %d (%s); bound per case %.1f s" % (k, bad.pid, flag, bound))
+        node = r"[^,)]*:%d" % bad.pid
+        _concurrent_round(cl, G, client, cases, "round1", bound)
+        q = _wait_log(cl.router, r"replica (e%d-r\d+) \(expert %d, %s\) quarantined for \d+ ms: ([^;]*)"
+                      % (k, k, node), 10, "quarantine of the faulty replica")
+        log("router: %s quarantined: %s" % (q.group(1), q.group(2)))
+        handed = len(re.findall(ignore_re, bad.log_text())) if ignore_re else None
+        # Hello again on a new connection: frozen until the router drops it, then it reconnects.
+        at = len(cl.router.log_text())
+        bad.signal(signal.SIGSTOP)
+        _wait_log(cl.router, r"\(expert %d, %s\) left: silent" % (k, node), 15,
+                  "removal of the frozen replica", at)
+        bad.signal(signal.SIGCONT)
+        j = _wait_log(cl.router, r"joined: expert %d, node %s[^;]*; still quarantined[^;]*" % (k, node), 20,
+                      "the faulty replica joining again, still quarantined", at)
+        log("router: %s" % j.group(0))
+        _concurrent_round(cl, G, client, cases, "round2", bound)
+        if ignore_re:
+            again = len(re.findall(ignore_re, bad.log_text()))
+            if again != handed:
+                raise TestFailure("the faulty replica was handed %d batch(es) after its quarantine (%d before, "
+                                  "%d in all)" % (again - handed, handed, again))
+        if not cl.router.alive():
+            raise TestFailure("router died\n" + cl.router.describe())
+        cl.stop_router()
+        try:
+            with open(stats_file) as f:
+                stats = json.load(f)
+        except (OSError, ValueError) as e:
+            raise TestFailure("router --stats-file %s unreadable: %s" % (stats_file, e))
+        mine = _replicas_of_pid(stats, k, bad.pid)
+        others = [r for r in replicas_of(stats, k) if r not in mine]
+        log("expert %d: faulty %s; healthy %s" % (k, json.dumps(mine), json.dumps(others)))
+        _check_accounting(stats)
+        if len(mine) < 2:
+            raise TestFailure("stats list %d record(s) of the faulty replica, want 2 (it joined twice)"
+                              % len(mine))
+        sent = sum(r.get("sent", 0) for r in mine)
+        if sent != 1:
+            raise TestFailure("stats: the faulty replica was sent %d case batch(es), want exactly 1 (after its "
+                              "first fault it is quarantined and probes never pass)" % sent)
+        if any(r.get("batches", 0) for r in mine):
+            raise TestFailure("stats: an answer of the faulty replica was used: %s" % json.dumps(mine))
+        if any(r.get("health") == "healthy" for r in mine if r.get("alive")):
+            raise TestFailure("stats: the faulty replica is back in service: %s" % json.dumps(mine))
+        if not any(r.get("batches", 0) > 0 and r.get("health") == "healthy" for r in others):
+            raise TestFailure("stats: no healthy replica of expert %d served batches" % k)
+        return stats, mine
+
+
+def sc_silent(c):
+    stats, mine = _faulty_replica(c, "silent", "--debug-never-answer",
+                                  r"--debug-never-answer: ignoring batch")
+    if sum(r.get("timeouts", 0) for r in mine) < 1:
+        raise TestFailure("stats: no timeout counted for the silent replica: %s" % json.dumps(mine))
+
+
+def sc_failing(c):
+    stats, mine = _faulty_replica(c, "failing", "--debug-fail-batches", None)
+    if sum(r.get("errors", 0) for r in mine) < 1:
+        raise TestFailure("stats: no error answer counted for the failing replica: %s" % json.dumps(mine))
+
+
+def sc_expired(c):
+    """A real expert whose compute thread is busy (--debug-delay-ms) behind our own ROUTER socket:
+    Work with deadline_ms 0 (none) and 60000 is computed, Work whose deadline passes while it is
+    queued is answered EXPIRED without compute."""
+    import struct
+    import zmq
+    pb = _pb2(c)
+    with open(os.path.join(c.a.model, "config.json")) as f:
+        layer0 = json.load(f)["moe"]["moe_layers_idx"][0]
+    H = c.hidden
+    with c.cluster("expired") as cl:
+        ctx = zmq.Context.instance()
+        s = ctx.socket(zmq.ROUTER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.bind("tcp://127.0.0.1:*")
+        ep = s.getsockopt_string(zmq.LAST_ENDPOINT)
+        e = cl.start_expert(c.a.model, 0, endpoint=ep, wait_joined=False, extra=["--debug-delay-ms", "400"])
+        try:
+            if not s.poll(20000):
+                raise TestFailure("the expert sent no Hello within 20 s\n" + e.describe())
+            ident, hello = s.recv_multipart()[:2]
+            env = pb.Envelope()
+            env.ParseFromString(hello)
+            if env.WhichOneof("body") != "hello":
+                raise TestFailure("first message is a %s, not a Hello" % env.WhichOneof("body"))
+            s.send_multipart([ident, pb.Envelope(welcome=pb.Welcome(version=1, heartbeat_ms=HB_MS,
+                                                                     replica_id="wire-test")).SerializeToString()])
+            rows = 2
+            x = struct.pack("<%df" % (rows * H), *([0.125] * (rows * H)))
+            works = {1: dict(deadline_ms=0), 2: dict(deadline_ms=50), 3: dict(deadline_ms=60000),
+                     4: dict(deadline_ms=1), 5: dict(deadline_ms=60000, probe=True)}
+            for bid, kw in works.items():
+                w = pb.Work(batch_id=bid, layer=layer0, moe=0, expert=0, rows=rows, width=H, dtype=1, **kw)
+                s.send_multipart([ident, pb.Envelope(work=w).SerializeToString(), x])
+            beat = pb.Envelope(heartbeat=pb.Heartbeat()).SerializeToString()
+            got = {}
+            deadline = time.monotonic() + 30
+            last_beat = 0
+            while len(got) < len(works) and time.monotonic() < deadline:
+                if time.monotonic() - last_beat > HB_MS / 1000.0:
+                    s.send_multipart([ident, beat])
+                    last_beat = time.monotonic()
+                if not s.poll(50):
+                    continue
+                fr = s.recv_multipart()
+                r = pb.Envelope()
+                r.ParseFromString(fr[1])
+                if r.WhichOneof("body") == "result":
+                    got[r.result.batch_id] = (r.result, fr[2:])
+            if len(got) < len(works):
+                raise TestFailure("answers to batches %s only within 30 s\n%s" % (sorted(got), e.describe()))
+            names = {v: k for k, v in pb.ErrorCode.items()}
+            for bid, (res, tensor) in sorted(got.items()):
+                log("batch %d (deadline_ms %d%s): %s %s" % (bid, works[bid]["deadline_ms"],
+                                                           ", probe" if works[bid].get("probe") else "",
+                                                           names.get(res.error), res.message))
+            for bid in (1, 3, 5):
+                res, tensor = got[bid]
+                if res.error != pb.ERROR_OK or len(tensor) != 1 or len(tensor[0]) != rows * H * 4:
+                    raise TestFailure("batch %d (deadline %d ms) was not computed: %s %s"
+                                      % (bid, works[bid]["deadline_ms"], names.get(res.error), res.message))
+            for bid in (2, 4):
+                res, tensor = got[bid]
+                if res.error != pb.ERROR_EXPIRED or tensor:
+                    raise TestFailure("batch %d (deadline %d ms, queued behind a 400 ms batch) answered %s, want "
+                                      "EXPIRED" % (bid, works[bid]["deadline_ms"], names.get(res.error)))
+                if "deadline" not in res.message:
+                    raise TestFailure("EXPIRED without a message naming the deadline: %r" % res.message)
+            if got[1][0].compute_us < 400000:
+                raise TestFailure("batch 1 took %d us: --debug-delay-ms 400 did not hold the compute thread"
+                                  % got[1][0].compute_us)
+        finally:
+            s.close(0)
+
+
 SCENARIOS = {f.__name__[3:]: f for f in (sc_equiv, sc_replicas, sc_kill, sc_freeze, sc_unavailable,
-                                         sc_fingerprint, sc_garbage, sc_rogue, sc_curve, sc_cli)}
+                                         sc_fingerprint, sc_garbage, sc_rogue, sc_curve, sc_cli,
+                                         sc_silent, sc_failing, sc_expired)}
 
 
 def main():
