@@ -5,10 +5,17 @@
  * file or stdin (--cases, one at a time, through the same scheduler) with
  * answers on stdout.
  *
- * This file only parses the arguments; the router is an object (router.h)
- * that owns its threads: the gRPC completion queue (this thread), the
- * scheduler's engine thread and image workers, the expert dispatcher and the
- * metrics server.
+ * This file only parses the arguments; the router is an object (router.h).
+ * How this build maps docs/ARCHITECTURE.md's "Threads in the router":
+ *   main thread      mm_router_run: the gRPC completion queue (grpc_server.c;
+ *                    scheduler callbacks reach it through an event queue),
+ *                    or with --cases the case lines and answer lines
+ *   engine           the scheduler's step loop (mm_sched_start)
+ *   image workers    --image-workers of them, under --pixel-budget
+ *   dispatch         the expert socket (dispatch.c, started by mm_dispatch_new)
+ *   metrics          libmicrohttpd's thread (--metrics-listen)
+ * gRPC's own threads come with the C core. SIGTERM/SIGINT are blocked in all
+ * but the main thread, whose waits they cut short.
  *
  * Observability: every event is one line through common/log.h
  * (--log-format text|json, --log-level) on stderr; --metrics-listen serves
