@@ -13,6 +13,13 @@
  * Sections: state, small helpers, metrics, replica health (estimates,
  * quarantine, probes), sending, receiving, ZAP, the periodic work, the
  * thread, the runner, the public calls, life cycle, statistics.
+ *
+ * Why one file of ~1600 lines: every section reads and writes the same
+ * replica table and layer state under one lock, and the correctness of the
+ * in-flight accounting (each send counted once, closed once) is easiest to
+ * check where every path that opens or closes a send is in one place.
+ * Splitting it would turn that state into an internal header shared by
+ * files that must all follow the same locking rules.
  */
 #include "dispatch.h"
 

@@ -1,6 +1,10 @@
 /* grpc_server.c — medmoe.v1.CaseService + grpc.health.v1 on the gRPC C core
  * (see grpc_server.h). The only file of the project that calls grpc_*.
  *
+ * Why one file of ~1400 lines: gRPC's C core API is private and changes
+ * between minor versions (docs/ARCHITECTURE.md, "Lessons from peers"), so
+ * every grpc_* call stays here and a version change touches one file.
+ *
  * Threads: everything here runs on the completion-queue thread (the caller
  * of mm_grpc_server_poll) except the two scheduler callbacks, which only
  * append an s_event to the server's queue under g->mu. The CQ thread drains
