@@ -94,6 +94,9 @@ static void usage(FILE *f) {
             "  --tls-cert F --tls-key F  serve TLS (PEM)\n"
             "  --tls-client-ca F       also require client certificates signed by F (mTLS)\n"
             "  --slots N               concurrent sequences in the scheduler (default 8)\n"
+            "  --context N             positions per sequence (prompt + answer; default the\n"
+            "                          model's max_position_embeddings). The KV cache takes\n"
+            "                          slots x N positions: lower it to fit more slots\n"
             "  --max-image-bytes N     image.data at most (default 20971520)\n"
             "  --max-question-bytes N  question at most (default 4096)\n"
             "  --max-tokens-default N  max_tokens when a request gives 0 (default 64)\n"
@@ -119,7 +122,7 @@ typedef struct router_args {
     /* gRPC front door */
     const char *grpc_listen, *grpc_port_file, *tenants, *audit_log;
     const char *tls_cert, *tls_key, *tls_client_ca;
-    int audit_fsync, slots, max_image_bytes, max_question_bytes, max_tokens_default;
+    int audit_fsync, slots, context, max_image_bytes, max_question_bytes, max_tokens_default;
     int max_tokens_limit, grpc_max_message;
     /* engine */
     int image_workers, pixel_budget, debug_vision_delay_ms;
@@ -139,6 +142,7 @@ enum {
     O_TLS_KEY,
     O_TLS_CLIENT_CA,
     O_SLOTS,
+    O_CONTEXT,
     O_MAX_IMAGE,
     O_MAX_QUESTION,
     O_MAX_TOKENS_DEFAULT,
@@ -179,6 +183,7 @@ static int parse_args(int argc, char **argv, router_args *a) {
         {"tls-key", required_argument, 0, O_TLS_KEY},
         {"tls-client-ca", required_argument, 0, O_TLS_CLIENT_CA},
         {"slots", required_argument, 0, O_SLOTS},
+        {"context", required_argument, 0, O_CONTEXT},
         {"max-image-bytes", required_argument, 0, O_MAX_IMAGE},
         {"max-question-bytes", required_argument, 0, O_MAX_QUESTION},
         {"max-tokens-default", required_argument, 0, O_MAX_TOKENS_DEFAULT},
@@ -254,6 +259,9 @@ static int parse_args(int argc, char **argv, router_args *a) {
         case O_TLS_KEY: a->tls_key = optarg; break;
         case O_TLS_CLIENT_CA: a->tls_client_ca = optarg; break;
         case O_SLOTS: rc = mm_arg_int("medmoe-router", "--slots", optarg, 1, &a->slots); break;
+        case O_CONTEXT:
+            rc = mm_arg_int("medmoe-router", "--context", optarg, 1, &a->context);
+            break;
         case O_MAX_IMAGE:
             rc = mm_arg_int("medmoe-router", "--max-image-bytes", optarg, 1, &a->max_image_bytes);
             break;
@@ -361,6 +369,7 @@ static void s_options(const router_args *a, mm_router_options *o) {
     o->max_tokens_limit = a->max_tokens_limit;
     o->grpc_max_message = (size_t)a->grpc_max_message;
     o->slots = a->slots;
+    o->context = a->context;
     o->image_workers = a->image_workers;
     o->pixel_budget = (size_t)a->pixel_budget;
     o->debug_vision_delay_ms = a->debug_vision_delay_ms;

@@ -557,7 +557,7 @@ static int s_check_config(mm_router *r, char *err, size_t errlen) {
         return mm_errorf(err, errlen, MM_EINVAL, "--grpc-listen and --cases do not go together");
     if (o->grpc_listen && !o->tenants)
         return mm_errorf(err, errlen, MM_EINVAL, "--grpc-listen needs --tenants FILE");
-    if (o->slots < 1 || o->image_workers < 0)
+    if (o->slots < 1 || o->image_workers < 0 || o->context < 0)
         return mm_errorf(err, errlen, MM_EINVAL, "slots %d / image workers %d out of range",
                          o->slots, o->image_workers);
     if (o->grpc_listen) {
@@ -639,8 +639,13 @@ static int s_load_model(mm_router *r, char *err, size_t errlen) {
     mo.experts_mask = 0; /* the routed experts live on the expert nodes */
     if (o->grpc_listen)
         mo.n_slots = o->slots; /* one KV-cache slot per case in flight */
+    mo.max_ctx = o->context;
     if ((rc = mm_model_load(o->model, r->be, &mo, &r->m, err, errlen)) != MM_OK)
         return rc;
+    if (o->context > mm_model_config(r->m)->max_position_embeddings)
+        return mm_errorf(err, errlen, MM_EINVAL,
+                         "--context %d is over the model's max_position_embeddings (%d)",
+                         o->context, mm_model_config(r->m)->max_position_embeddings);
     if ((rc = mm_tokenizer_load(o->model, &r->tok, err, errlen)) != MM_OK)
         return rc;
     const mm_config *cfg = mm_model_config(r->m);
@@ -752,13 +757,14 @@ static int s_start_grpc(mm_router *r, char *err, size_t errlen) {
         return rc;
     int port = mm_grpc_server_port(r->grpc);
     mm_logf(r->log, MM_LOG_INFO, NULL,
-            "gRPC on %s (port %d, %s), %zu tenant(s), %d slot(s), %d image worker(s), audit log %s",
+            "gRPC on %s (port %d, %s), %zu tenant(s), %d slot(s) of %d positions, %d image "
+            "worker(s), audit log %s",
             o->grpc_listen, port,
             o->tls_client_ca ? "mTLS"
             : o->tls_cert    ? "TLS"
                              : "plaintext",
-            mm_tenants_count(r->tenants), mm_model_n_slots(r->m), o->image_workers,
-            o->audit_log ? o->audit_log : "off");
+            mm_tenants_count(r->tenants), mm_model_n_slots(r->m), mm_model_max_ctx(r->m),
+            o->image_workers, o->audit_log ? o->audit_log : "off");
     if (o->grpc_port_file) {
         char text[32];
         snprintf(text, sizeof text, "%d\n", port);

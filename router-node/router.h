@@ -71,6 +71,9 @@ typedef struct mm_router_options {
     size_t grpc_max_message;   /* default 32 MiB                                */
     /* the engine */
     int slots;                    /* KV-cache slots with gRPC (default 8)            */
+    int context;                  /* positions per slot; 0: the model's maximum.
+                                     Each slot's KV cache is sized for it, so it
+                                     bounds the router's memory (slots x context) */
     int image_workers;            /* image threads (default 1)                       */
     size_t pixel_budget;          /* decoded pixels in the image stage; 0: the
                                      scheduler's default                            */
