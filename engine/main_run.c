@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "clock.h"
+#include "image.h"
 #include "medmoe.h"
 #include "result.h"
 #include "scheduler.h"
@@ -144,53 +145,6 @@ static void s_on_done(void *user, uint64_t id, int status, const char *message,
     (void)id;
 }
 
-static int s_read_file(const char *path, unsigned char **out, size_t *len, char *err,
-                       size_t errlen) {
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return mm_errorf(err, errlen, MM_EIO, "%s: %s", path, strerror(errno));
-    unsigned char *buf = NULL;
-    size_t n = 0, cap = 0;
-    for (;;) {
-        if (cap - n < 65536) {
-            size_t nc = cap ? 2 * cap : 65536;
-            unsigned char *nb = realloc(buf, nc);
-            if (!nb) {
-                free(buf);
-                fclose(f);
-                return mm_errorf(err, errlen, MM_ENOMEM, "%s: out of memory", path);
-            }
-            buf = nb;
-            cap = nc;
-        }
-        size_t got = fread(buf + n, 1, cap - n, f);
-        n += got;
-        if (got == 0)
-            break;
-    }
-    int bad = ferror(f);
-    fclose(f);
-    if (bad) {
-        free(buf);
-        return mm_errorf(err, errlen, MM_EIO, "%s: read error", path);
-    }
-    *out = buf;
-    *len = n;
-    return MM_OK;
-}
-
-/* Each generated token's logits, float32 [n_tokens, vocab]. */
-static int s_dump_logits(const char *path, const mm_case_result *r, char *err, size_t errlen) {
-    FILE *f = fopen(path, "wb");
-    int ok = f && (r->n_tokens == 0 ||
-                   fwrite(r->logits, sizeof(float) * r->vocab, r->n_tokens, f) == r->n_tokens);
-    if (f && fclose(f) != 0)
-        ok = 0;
-    if (!ok)
-        return mm_errorf(err, errlen, MM_EIO, "%s: cannot write logits: %s", path, strerror(errno));
-    return MM_OK;
-}
-
 int main(int argc, char **argv) {
     run_args a;
     int rc = parse_args(argc, argv, &a);
@@ -219,9 +173,9 @@ int main(int argc, char **argv) {
         fprintf(stderr, "medmoe-run: warning: %s\n", mm_model_warnings(m));
     double load_ms = mm_now_ms() - t0;
 
-    unsigned char *image = NULL;
+    uint8_t *image = NULL;
     size_t image_len = 0;
-    if (a.image && (rc = s_read_file(a.image, &image, &image_len, err, sizeof err)) != MM_OK)
+    if (a.image && (rc = mm_image_read_file(a.image, &image, &image_len, err, sizeof err)) != MM_OK)
         goto fail;
     mm_sched_options so;
     mm_sched_options_default(&so);
@@ -265,7 +219,8 @@ int main(int argc, char **argv) {
         rc = mm_errorf(err, sizeof err, oc.status, "%s", oc.message);
     if (rc != MM_OK)
         goto fail;
-    if (a.dump_logits && (rc = s_dump_logits(a.dump_logits, &oc.r, err, sizeof err)) != MM_OK)
+    if (a.dump_logits &&
+        (rc = mm_case_result_dump_logits(&oc.r, a.dump_logits, err, sizeof err)) != MM_OK)
         goto fail;
     if (a.json) {
         if (!(out = mm_case_result_json(&oc.r))) {

@@ -2,6 +2,8 @@
 #include "result.h"
 
 #include <ctype.h>
+#include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -145,4 +147,17 @@ json_t *mm_case_result_json(const mm_case_result *r) {
     json_object_set_new(out, "total_ms", json_real(r->total_ms));
     json_object_set_new(out, "steps", json_integer((json_int_t)r->steps));
     return out;
+}
+
+int mm_case_result_dump_logits(const mm_case_result *r, const char *path, char *err,
+                               size_t errlen) {
+    FILE *f = fopen(path, "wb");
+    int ok = f && (!r->n_tokens || (r->logits && fwrite(r->logits, sizeof(float) * r->vocab,
+                                                        r->n_tokens, f) == r->n_tokens));
+    int saved = errno;
+    if (f && fclose(f) != 0)
+        ok = 0, saved = errno;
+    if (!ok)
+        return mm_errorf(err, errlen, MM_EIO, "%s: cannot write logits: %s", path, strerror(saved));
+    return MM_OK;
 }

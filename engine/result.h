@@ -80,6 +80,10 @@ int mm_case_result_copy(mm_case_result *dst, const mm_case_result *src);
  * New reference, NULL when out of memory. */
 json_t *mm_case_result_json(const mm_case_result *r);
 
+/* r->logits ([n_tokens][vocab] float32, from keep_logits) to path, the
+ * format of medmoe-run --dump-logits. MM_EIO names the path. */
+int mm_case_result_dump_logits(const mm_case_result *r, const char *path, char *err, size_t errlen);
+
 /* Python's str.strip() for ASCII whitespace, in place; returns s moved past
  * the leading whitespace. */
 char *mm_case_strip(char *s);

@@ -488,20 +488,20 @@ int mm_image_decode(const void *bytes, size_t n, const char *media_type, size_t 
     return mm_image_decode_for(bytes, n, media_type, max_pixels, 0, out, err, errlen);
 }
 
-int mm_image_load_file(const char *path, size_t max_pixels, mm_image **out, char *err,
-                       size_t errlen) {
-    if (!out || !path)
-        return mm_errorf(err, errlen, MM_EINVAL, "mm_image_load_file: NULL argument");
+int mm_image_read_file(const char *path, uint8_t **out, size_t *len, char *err, size_t errlen) {
+    if (!out || !len || !path)
+        return mm_errorf(err, errlen, MM_EINVAL, "mm_image_read_file: NULL argument");
     *out = NULL;
+    *len = 0;
     FILE *f = fopen(path, "rb");
     if (!f)
         return mm_errorf(err, errlen, errno == ENOENT ? MM_ENOTFOUND : MM_EIO, "%s: %s", path,
                          strerror(errno));
     uint8_t *buf = NULL;
-    size_t len = 0, cap = 0;
+    size_t n = 0, cap = 0;
     int rc = MM_OK;
     for (;;) {
-        if (len == cap) {
+        if (n == cap) {
             if (cap >= MM_IMAGE_MAX_FILE_BYTES) {
                 rc = mm_errorf(err, errlen, MM_EINVAL, "%s: file larger than %zu bytes", path,
                                (size_t)MM_IMAGE_MAX_FILE_BYTES);
@@ -516,8 +516,8 @@ int mm_image_load_file(const char *path, size_t max_pixels, mm_image **out, char
             buf = nb;
             cap = ncap;
         }
-        size_t got = fread(buf + len, 1, cap - len, f);
-        len += got;
+        size_t got = fread(buf + n, 1, cap - n, f);
+        n += got;
         if (got == 0) {
             if (ferror(f))
                 rc = mm_errorf(err, errlen, MM_EIO, "%s: read error", path);
@@ -525,6 +525,23 @@ int mm_image_load_file(const char *path, size_t max_pixels, mm_image **out, char
         }
     }
     fclose(f);
+    if (rc != MM_OK) {
+        free(buf);
+        return rc;
+    }
+    *out = buf;
+    *len = n;
+    return MM_OK;
+}
+
+int mm_image_load_file(const char *path, size_t max_pixels, mm_image **out, char *err,
+                       size_t errlen) {
+    if (!out || !path)
+        return mm_errorf(err, errlen, MM_EINVAL, "mm_image_load_file: NULL argument");
+    *out = NULL;
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    int rc = mm_image_read_file(path, &buf, &len, err, errlen);
     if (rc == MM_OK) {
         rc = mm_image_decode(buf, len, NULL, max_pixels, out, err, errlen);
         if (rc != MM_OK && err && errlen > 0) { /* prefix the path */

@@ -129,6 +129,11 @@ int mm_image_probe(const void *bytes, size_t len, const char *media_type, size_t
 int mm_image_decode_for(const void *bytes, size_t len, const char *media_type, size_t max_pixels,
                         size_t target_side, mm_image **out, char *err, size_t errlen);
 
+/* The bytes of a whole file (at most MM_IMAGE_MAX_FILE_BYTES), malloc'd:
+ * MM_ENOTFOUND when it does not exist, MM_EIO, MM_EINVAL (too large),
+ * MM_ENOMEM; the message names the path. */
+int mm_image_read_file(const char *path, uint8_t **out, size_t *len, char *err, size_t errlen);
+
 /* Read a whole file and decode it (format from the magic bytes). */
 int mm_image_load_file(const char *path, size_t max_pixels, mm_image **out, char *err,
                        size_t errlen);

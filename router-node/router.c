@@ -262,66 +262,6 @@ static void s_local_wait(mm_router *r, uint64_t id) {
     pthread_mutex_unlock(&l->mu);
 }
 
-/* The whole file at path (at most MM_IMAGE_MAX_FILE_BYTES), as
- * mm_image_load_file reads it: MM_ENOTFOUND when it does not exist. */
-static int s_read_image(const char *path, uint8_t **out, size_t *len, char *err, size_t errlen) {
-    *out = NULL;
-    *len = 0;
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return mm_errorf(err, errlen, errno == ENOENT ? MM_ENOTFOUND : MM_EIO, "%s: %s", path,
-                         strerror(errno));
-    uint8_t *buf = NULL;
-    size_t n = 0, cap = 0;
-    int rc = MM_OK;
-    for (;;) {
-        if (n == cap) {
-            if (cap >= MM_IMAGE_MAX_FILE_BYTES) {
-                rc = mm_errorf(err, errlen, MM_EINVAL, "%s: file larger than %zu bytes", path,
-                               (size_t)MM_IMAGE_MAX_FILE_BYTES);
-                break;
-            }
-            size_t ncap = cap ? cap * 2 : 65536;
-            uint8_t *nb = realloc(buf, ncap);
-            if (!nb) {
-                rc = mm_errorf(err, errlen, MM_ENOMEM, "%s: cannot allocate %zu bytes", path, ncap);
-                break;
-            }
-            buf = nb;
-            cap = ncap;
-        }
-        size_t got = fread(buf + n, 1, cap - n, f);
-        n += got;
-        if (got == 0) {
-            if (ferror(f))
-                rc = mm_errorf(err, errlen, MM_EIO, "%s: read error", path);
-            break;
-        }
-    }
-    fclose(f);
-    if (rc != MM_OK) {
-        free(buf);
-        return rc;
-    }
-    *out = buf;
-    *len = n;
-    return MM_OK;
-}
-
-/* result->logits ([n_tokens][vocab] float32) to path, as medmoe-run's
- * --dump-logits writes them. */
-static int s_dump_logits(const char *path, const mm_case_result *res, char *err, size_t errlen) {
-    FILE *f = fopen(path, "wb");
-    int ok = f && (!res->n_tokens || (res->logits && fwrite(res->logits, sizeof(float) * res->vocab,
-                                                            res->n_tokens, f) == res->n_tokens));
-    int saved = errno;
-    if (f && fclose(f) != 0)
-        ok = 0, saved = errno;
-    if (!ok)
-        return mm_errorf(err, errlen, MM_EIO, "%s: cannot write logits: %s", path, strerror(saved));
-    return MM_OK;
-}
-
 /* Parse and answer one JSON line; every failure becomes an error line. */
 static void s_case(mm_router *r, const char *line, size_t lineno) {
     json_error_t jerr;
@@ -396,7 +336,8 @@ static void s_case(mm_router *r, const char *line, size_t lineno) {
     uint8_t *image = NULL;
     size_t image_len = 0;
     int rc = MM_OK;
-    if (image_path && (rc = s_read_image(image_path, &image, &image_len, err, sizeof err)) != MM_OK)
+    if (image_path &&
+        (rc = mm_image_read_file(image_path, &image, &image_len, err, sizeof err)) != MM_OK)
         goto failed;
     q.tenant = S_LOCAL_TENANT;
     q.image_bytes = image;
@@ -420,7 +361,8 @@ static void s_case(mm_router *r, const char *line, size_t lineno) {
         snprintf(err, sizeof err, "%s", l->message);
         goto failed;
     }
-    if (dump_logits && (rc = s_dump_logits(dump_logits, &l->res, err, sizeof err)) != MM_OK)
+    if (dump_logits &&
+        (rc = mm_case_result_dump_logits(&l->res, dump_logits, err, sizeof err)) != MM_OK)
         goto failed;
     json_t *out = mm_case_result_json(&l->res);
     json_t *o = json_pack("{s:O,s:s}", "id", id ? id : json_null(), "status", "ok");
