@@ -1,7 +1,7 @@
 # ctest `checkpoint`: safetensors files and directories (valid, sharded,
 # malformed, fuzzed), config.json of both backbones and CLIP, fingerprints.
 # Test files are written at run time under ${MM_TEST_DATA}/checkpoint.
-add_executable(test_checkpoint ${CMAKE_CURRENT_LIST_DIR}/test_checkpoint.c)
+add_executable(test_checkpoint ${CMAKE_CURRENT_LIST_DIR}/unit/test_checkpoint.c)
 target_link_libraries(test_checkpoint PRIVATE mm_model)
 add_test(NAME checkpoint COMMAND test_checkpoint ${MM_TEST_DATA}/checkpoint)
 set_tests_properties(checkpoint PROPERTIES TIMEOUT 120)

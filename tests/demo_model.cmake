@@ -2,7 +2,7 @@
 # (tools/eval_vqa.py). See tests/demo_model.py for what each test checks.
 set(MM_DEMO_MODEL ${CMAKE_SOURCE_DIR}/demo/model)
 set(MM_DEMO_CASES ${CMAKE_SOURCE_DIR}/demo/cases)
-set(MM_DEMO_PY ${CMAKE_CURRENT_SOURCE_DIR}/demo_model.py)
+set(MM_DEMO_PY ${CMAKE_CURRENT_SOURCE_DIR}/e2e/demo_model.py)
 
 if(EXISTS ${MM_DEMO_MODEL}/config.json)
   add_test(NAME demo_model_trainfwd COMMAND ${MM_PYTHON} ${MM_DEMO_PY} trainfwd ${MM_DEMO_MODEL} ${MM_DEMO_CASES})

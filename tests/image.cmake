@@ -2,7 +2,7 @@
 # against the PIL/numpy reference (tests/reference/image_ref.py), plus broken
 # and hostile inputs. image_data generates the images and reference outputs
 # at test time; `image` needs it (ctest fixture, so `ctest -R image` works).
-add_executable(test_image ${CMAKE_CURRENT_SOURCE_DIR}/test_image.c)
+add_executable(test_image ${CMAKE_CURRENT_SOURCE_DIR}/unit/test_image.c)
 target_link_libraries(test_image PRIVATE mm_model PkgConfig::CMOCKA m)
 
 set(MM_IMAGE_TEST_DATA ${MM_TEST_DATA}/image)

@@ -5,7 +5,7 @@
 # file, tensor or field, never crash, and (in the sanitizer build) never leak.
 if(TARGET medmoe-run)
   add_test(NAME run_errors
-           COMMAND ${MM_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/run_errors.py
+           COMMAND ${MM_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/e2e/run_errors.py
                    --run $<TARGET_FILE:medmoe-run>
                    --model ${MM_TEST_DATA}/tiny-stablelm-f32
                    --images ${MM_TEST_DATA}/images

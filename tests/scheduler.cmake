@@ -8,7 +8,7 @@ add_library(mm_seq_oracle STATIC ${CMAKE_CURRENT_SOURCE_DIR}/oracle/seq_case.c
                                  ${CMAKE_CURRENT_SOURCE_DIR}/oracle/seq_generate.c)
 target_include_directories(mm_seq_oracle PUBLIC ${CMAKE_CURRENT_SOURCE_DIR}/oracle)
 target_link_libraries(mm_seq_oracle PUBLIC mm_engine m)
-add_executable(test_scheduler ${CMAKE_CURRENT_SOURCE_DIR}/test_scheduler.c)
+add_executable(test_scheduler ${CMAKE_CURRENT_SOURCE_DIR}/unit/test_scheduler.c)
 target_link_libraries(test_scheduler PRIVATE mm_seq_oracle m)
 
 # -residual stops at EOS after 3 tokens; -top2 routes each row to 2 experts.

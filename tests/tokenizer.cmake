@@ -7,7 +7,7 @@
 # The test program compiles the two sources itself, so a half-written file
 # elsewhere in mm_model cannot stop these tests from building.
 pkg_check_modules(MMTOK_PCRE2 REQUIRED IMPORTED_TARGET libpcre2-8)
-add_executable(test_tokenizer ${CMAKE_CURRENT_SOURCE_DIR}/test_tokenizer.c
+add_executable(test_tokenizer ${CMAKE_CURRENT_SOURCE_DIR}/unit/test_tokenizer.c
                ${PROJECT_SOURCE_DIR}/model/tokenizer.c ${PROJECT_SOURCE_DIR}/engine/prompt.c)
 target_include_directories(test_tokenizer PRIVATE ${PROJECT_SOURCE_DIR}/model ${PROJECT_SOURCE_DIR}/engine)
 target_link_libraries(test_tokenizer PRIVATE mm_kernels PkgConfig::JANSSON PkgConfig::MMTOK_PCRE2)
@@ -15,12 +15,12 @@ target_link_libraries(test_tokenizer PRIVATE mm_kernels PkgConfig::JANSSON PkgCo
 set(MM_TOK_DIR ${MM_TEST_DATA}/tokenizer)
 add_test(NAME tokenizer_setup
          COMMAND ${CMAKE_COMMAND} -E env
-                 ${MM_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/test_tokenizer.py setup ${MM_TOK_DIR})
+                 ${MM_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/unit/test_tokenizer.py setup ${MM_TOK_DIR})
 set_tests_properties(tokenizer_setup PROPERTIES FIXTURES_SETUP tokenizer_files TIMEOUT 120
                      LABELS "tokenizer")
 
 add_test(NAME tokenizer
-         COMMAND ${MM_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/test_tokenizer.py check ${MM_TOK_DIR}
+         COMMAND ${MM_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/unit/test_tokenizer.py check ${MM_TOK_DIR}
                  $<TARGET_FILE:test_tokenizer>)
 set_tests_properties(tokenizer PROPERTIES FIXTURES_REQUIRED tokenizer_files TIMEOUT 300
                      LABELS "tokenizer")

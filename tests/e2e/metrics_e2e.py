@@ -27,7 +27,8 @@ import urllib.request
 
 sys.dont_write_bytecode = True
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "distributed"))
+TESTS = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(TESTS, "distributed"))
 import distlib as D  # noqa: E402
 from distlib import TestFailure, log  # noqa: E402
 
@@ -285,7 +286,7 @@ def sc_cases(a):
 
 
 def sc_grpc(a):
-    sys.path.insert(0, os.path.join(HERE, "grpc"))
+    sys.path.insert(0, os.path.join(TESTS, "grpc"))
     import grpclib as G
     import grpc
     n = n_experts_of(a.model)

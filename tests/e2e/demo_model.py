@@ -20,9 +20,9 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(HERE))
 TOOLS = os.path.join(ROOT, "tools")
-REF = os.path.join(HERE, "reference")
+REF = os.path.join(ROOT, "tests", "reference")
 sys.path[:0] = [TOOLS, REF]
 PY = sys.executable
 ENV = dict(os.environ, MEDMOE_THREADS=os.environ.get("MEDMOE_THREADS", "1"))

@@ -18,13 +18,13 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "reference"))
-sys.path.insert(0, os.path.join(HERE, "..", "tools"))
+sys.path.insert(0, os.path.join(HERE, "..", "reference"))
+sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
 
 import bpe_ref  # noqa: E402
 import make_tokenizer  # noqa: E402
 
-CORPUS = os.path.join(HERE, "data", "tokenizer_corpus.txt")
+CORPUS = os.path.join(HERE, "..", "data", "tokenizer_corpus.txt")
 FAILS = []
 
 

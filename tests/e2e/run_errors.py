@@ -27,7 +27,7 @@ import sys
 import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tools"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "tools"))
 import numpy as np  # noqa: E402
 from safetensors_io import read_safetensors, write_safetensors  # noqa: E402
 
