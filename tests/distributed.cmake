@@ -1,8 +1,10 @@
 # Distributed serving (docs/ARCHITECTURE.md, "Router ↔ expert wire"): black-box tests of
 # medmoe-router + medmoe-expert as real processes on 127.0.0.1 (ephemeral ports,
-# --endpoint-file), compared with medmoe-run on the same tiny checkpoint by
-# tests/reference/compare.py. Driver: tests/distributed/dist_test.py
-# (one scenario per ctest; every process killed at the end, every wait bounded).
+# --endpoint-file), compared with medmoe-run on the same tiny checkpoint. The fault scenarios
+# (kill, freeze, rogue, curve, silent, failing) send concurrent cases through the gRPC front door,
+# the others --cases JSON lines. Driver: tests/distributed/dist_test.py
+# (one scenario per ctest; every process killed at the end; every wait is for an event — a log
+# line, a file, an answer — and bounded).
 # Registered only once both programs exist, so the tree builds while they are missing.
 if(TARGET medmoe-router AND TARGET medmoe-expert AND TARGET medmoe-run)
   set(MM_DIST_DRIVER ${CMAKE_CURRENT_SOURCE_DIR}/distributed/dist_test.py)

@@ -1,7 +1,9 @@
 #!/usr/bin/python3
 """Black-box tests of distributed serving (docs/ARCHITECTURE.md, "Router ↔ expert wire"):
 medmoe-router + medmoe-expert processes on 127.0.0.1 (ephemeral ports) against medmoe-run on
-the same tiny checkpoint.
+the same tiny checkpoint. The fault scenarios marked (gRPC) drive the router through its
+production entry point, the gRPC front door (tests/grpc/grpclib.py: --grpc-listen 127.0.0.1:0,
+concurrent cases from the Python client); the others feed it --cases JSON lines.
 
     dist_test.py --scenario NAME --router BIN --expert BIN --run BIN [--keygen BIN]
                  --model DIR --image PNG --workdir DIR [--maker make_tiny_checkpoint.py]
@@ -10,18 +12,24 @@ Scenarios (one ctest each, see tests/distributed.cmake):
   equiv        router + 4 experts answer 3 cases (generation, no_pad, candidates) exactly
                like medmoe-run (compare.py: tokens, routing, candidates)
   replicas     two replicas of one expert: both serve batches (stats), answers equal
-  kill         kill -9 of the replica serving an expert mid-generation: same tokens
-  freeze       SIGSTOP of that replica: declared dead after ~3 heartbeats, work re-sent,
-               same tokens; SIGCONT afterwards (its late reply discarded): still equal
+  kill         (gRPC, concurrent streamed cases) kill -9, mid-generation, of the replica of the
+               busiest expert that is next in line, once it holds a batch (frozen until a Work
+               sits unread in its socket, or the router timed one out): every case equal to
+               medmoe-run, the replica dropped, its batch re-sent; a round after, exact
+  freeze       (gRPC, concurrent streamed cases) SIGSTOP of that replica holding a batch:
+               dropped after ~3 heartbeats, its batch re-sent, the round within the healthy
+               time + 3 heartbeats + 2 s, exact; SIGCONT: it joins again (its late reply
+               discarded) and a round after is exact
   unavailable  all replicas of an expert gone: UNAVAILABLE naming it within the wait; the
                router stays up and serves the next case once a replica is back
   fingerprint  an expert on another checkpoint (other seed) exits 3 "refused by router: ..."
   garbage      random frames, empty, truncated, version 999, unknown batch ids, Work from
                an expert, wrong tensor sizes, spoofed Results mid-case: router stays up,
                answers stay equal
-  rogue        a peer welcomed with a real expert's Hello answers its Work wrongly (bad rows,
-               sizes, ids, no tensor, BUSY/DRAINING + late replies): dropped, re-sent, exact
-  curve        CurveZMQ: allowed key serves, unlisted key gets nothing
+  rogue        (gRPC) a peer welcomed with a real expert's Hello answers its Work wrongly (bad
+               rows, sizes, ids, no tensor, BUSY/DRAINING + late replies): dropped, re-sent, exact
+  curve        (gRPC) CurveZMQ: the unlisted key is refused (ZAP), a case needing only it gets
+               UNAVAILABLE naming the expert; the allowed key serves, cases exact
   cli          --help, bad arguments, SIGTERM → exit 0 promptly
   silent       (gRPC, concurrent cases) a replica that heartbeats and never answers beside a
                healthy one: every case exact and within seconds (hedged re-sends); the silent one
@@ -154,89 +162,6 @@ def sc_replicas(c):
                 raise TestFailure("replica %r of expert %d served no batches (both replicas must receive "
                                   "work): %s" % (r.get("id"), k, json.dumps(reps)))
         log("expert %d replicas: %s" % (k, json.dumps(reps)))
-
-
-def sc_kill(c):
-    def kill9(p):
-        p.signal(signal.SIGKILL)
-
-    case = long_case(c.a.image)
-    ref, ref_path = c.ref(case)
-    k, _ = busiest_decode_expert(ref)
-    extra = ["--debug-delay-ms", "40"]
-    with c.cluster("kill") as cl:
-        cl.start_router(c.a.model)
-        c.start_all(cl, extra=extra, skip=(k,))
-        a = cl.start_expert(c.a.model, k, extra=extra, tag="a")
-        b = cl.start_expert(c.a.model, k, extra=extra, tag="b")
-        _, base = c.ask_equal(cl, dict(case, id="baseline"), "baseline")
-        log("baseline: %.2f s, %d tokens (expert %d has replicas A pid %d, B pid %d)"
-            % (base, len(ref["tokens"]), k, a.pid, b.pid))
-        cl.router.send(dict(case, id="killed"))
-        t0 = time.monotonic()
-        time.sleep(max(0.3, base / 4))
-        kill9(a)
-        log("kill -9 replica A of expert %d at %.2f s" % (k, time.monotonic() - t0))
-        ans = cl.router.receive("killed", CASE_TIMEOUT)
-        dt = time.monotonic() - t0
-        D.check_equal(ans, ref_path, cl.workdir, "killed")
-        log("case with a kill -9 took %.2f s (baseline %.2f s)" % (dt, base))
-        if not cl.router.alive():
-            raise TestFailure("router died")
-        c.ask_equal(cl, std_cases(c.a.image)[0], "after-kill")
-        stats = cl.finish_router()
-        reps = replicas_of(stats, k)
-        log("expert %d replicas: %s; resent_batches %s" % (k, json.dumps(reps), stats.get("resent_batches")))
-        if not any(r.get("batches", 0) > 0 for r in reps):
-            raise TestFailure("stats: no replica of expert %d served batches: %s" % (k, json.dumps(reps)))
-        if not any(r.get("alive") is False for r in reps):
-            raise TestFailure("stats: the killed replica of expert %d is not listed with alive=false: %s"
-                              % (k, json.dumps(reps)))
-        # The kill only tests the re-send if the killed replica had work: with the contract's
-        # tie-break (first joined) A serves everything until it dies.
-        dead = [r for r in reps if r.get("alive") is False]
-        if not any(r.get("batches", 0) > 0 for r in dead):
-            raise TestFailure("the killed replica had served no batches before the kill, so the test did "
-                              "not exercise a re-send (contract: ties go to the replica that joined "
-                              "first): %s" % json.dumps(reps))
-
-
-def sc_freeze(c):
-    case = long_case(c.a.image)
-    ref, ref_path = c.ref(case)
-    k, _ = busiest_decode_expert(ref)
-    extra = ["--debug-delay-ms", "40"]
-    with c.cluster("freeze") as cl:
-        cl.start_router(c.a.model)
-        c.start_all(cl, extra=extra, skip=(k,))
-        a = cl.start_expert(c.a.model, k, extra=extra, tag="a")
-        cl.start_expert(c.a.model, k, extra=extra, tag="b")
-        _, base = c.ask_equal(cl, dict(case, id="baseline"), "baseline")
-        cl.router.send(dict(case, id="frozen"))
-        t0 = time.monotonic()
-        time.sleep(max(0.3, base / 4))
-        a.signal(signal.SIGSTOP)
-        log("SIGSTOP replica A of expert %d (pid %d) at %.2f s" % (k, a.pid, time.monotonic() - t0))
-        ans = cl.router.receive("frozen", CASE_TIMEOUT)
-        dt = time.monotonic() - t0
-        D.check_equal(ans, ref_path, cl.workdir, "frozen")
-        bound = base + 3 * HB_MS / 1000.0 + 2.0
-        log("case with a frozen replica took %.2f s (baseline %.2f s, bound %.2f s)" % (dt, base, bound))
-        if dt > bound:
-            raise TestFailure("case with a frozen replica took %.2f s > baseline %.2f s + 3 heartbeats + 2 s: "
-                              "the frozen replica was not declared dead after ~3 heartbeats" % (dt, base))
-        a.signal(signal.SIGCONT)
-        time.sleep(4 * HB_MS / 1000.0)  # its late reply and heartbeats arrive now
-        if not cl.router.alive():
-            raise TestFailure("router died after the frozen replica woke up\n" + cl.router.describe())
-        for case2 in std_cases(c.a.image)[::2]:
-            c.ask_equal(cl, dict(case2, id="after-cont-" + case2["id"]))
-        stats = cl.finish_router()
-        reps = replicas_of(stats, k)
-        log("expert %d replicas: %s; resent_batches %s" % (k, json.dumps(reps), stats.get("resent_batches")))
-        if not any(r.get("alive") is False for r in reps):
-            raise TestFailure("stats: no replica of expert %d is listed dead, yet one was frozen for %.1f s "
-                              "(> 3 heartbeats of %d ms): %s" % (k, dt - max(0.3, base / 4), HB_MS, json.dumps(reps)))
 
 
 def sc_unavailable(c):
@@ -504,11 +429,16 @@ def sc_rogue(c):
     import threading
     import zmq
     pb = _pb2(c)
-    case = long_case(c.a.image, 24)
-    ref, _ = c.ref(case)
-    k, _ = busiest_decode_expert(ref)
-    with c.cluster("rogue") as cl:
-        cl.start_router(c.a.model)
+    cl, G = _grpc(c, "rogue")
+    with cl:
+        stats_file = os.path.join(cl.workdir, "router.stats.json")
+        cl.start(c.a.model, experts=0, wait_serving=False, router_extra=["--stats-file", stats_file])
+        client = cl.client(cl.tenant_)
+        with open(c.a.image, "rb") as f:
+            png = f.read()
+        case = long_case(c.a.image, 24)
+        ref = G.reference(cl, case["question"], c.a.image, case["max_tokens"])
+        k, _ = busiest_decode_expert(ref)
         hello = _capture_hello(c, cl, pb, k)
         hello.node = "rogue:%d" % os.getpid()
         ctx = zmq.Context.instance()
@@ -601,10 +531,12 @@ def sc_rogue(c):
         t = threading.Thread(target=rogue, daemon=True)
         t.start()  # heartbeats from here on, while the real experts start
         try:
-            c.start_all(cl)
-            c.ask_equal(cl, dict(case, id="with-rogue"), "with-rogue")
-            for x in std_cases(c.a.image):
-                c.ask_equal(cl, dict(x, id="rogue-" + x["id"]))
+            for kk in range(c.n_experts):
+                cl.start_expert(c.a.model, kk)
+            cl.wait_health("SERVING", 30)
+            _concurrent_round(cl, G, client, [(case["question"], png, case["max_tokens"], ref)], "with-rogue",
+                              CASE_TIMEOUT)
+            _std_grpc(c, cl, G, client, "rogue")
         finally:
             stop.set()
             t.join(5)
@@ -617,7 +549,8 @@ def sc_rogue(c):
             raise TestFailure("the misbehaving replica (joined first) was sent no Work, so nothing was tested")
         if not cl.router.alive():
             raise TestFailure("router died\n" + cl.router.describe())
-        stats = cl.finish_router()
+        cl.stop_router()
+        stats = _read_stats(stats_file)
         log("stats: dropped_messages %s, resent_batches %s" % (stats.get("dropped_messages"),
                                                              stats.get("resent_batches")))
 
@@ -642,32 +575,41 @@ def sc_curve(c):
     with open(os.path.join(keys, "a.pub")) as fa, open(os.path.join(keys, "b.pub")) as fb:
         if fa.read() == fb.read():
             raise TestFailure("medmoe-keygen wrote the same key twice")
-    cases = std_cases(c.a.image)
-    for x in cases:
-        c.ref(x)
     k = 2
     K = lambda n: os.path.join(keys, n)  # noqa: E731
     curve_a = ["--curve-server-key", K("router.pub"), "--curve-key", K("a.key")]
     curve_b = ["--curve-server-key", K("router.pub"), "--curve-key", K("b.key")]
-    with c.cluster("curve") as cl:
-        cl.start_router(c.a.model, wait_experts_ms=2000, expert_wait_ms=1500,
-                        extra=["--curve-secret-key", K("router.key"), "--curve-allow", K("a.pub")])
+    with open(K("b.pub")) as f:
+        b_pub = f.read().strip()
+    cl, G = _grpc(c, "curve")
+    with cl:
+        stats_file = os.path.join(cl.workdir, "router.stats.json")
+        cl.start(c.a.model, experts=0, wait_serving=False, wait_experts_ms=2000, expert_wait_ms=1500,
+                 router_extra=["--stats-file", stats_file, "--curve-secret-key", K("router.key"),
+                               "--curve-allow", K("a.pub")])
+        client = cl.client(cl.tenant_)
+        with open(c.a.image, "rb") as f:
+            png = f.read()
+        question = std_cases(c.a.image)[0]["question"]
+        at = len(cl.router.log_text())
         bexp = cl.start_expert(c.a.model, k, extra=curve_b, wait_joined=False, tag="keyB")
-        c.start_all(cl, extra=curve_a, skip=(k,))
-        time.sleep(0.5)
-        ans = cl.router.ask(dict(cases[0], id="only-b"), CASE_TIMEOUT)
-        log("case needing expert %d served only by the unlisted key: %s" % (
-            k, json.dumps({x: ans.get(x) for x in ("status", "code", "message")})))
-        if ans.get("status") != "error" or ans.get("code") != "UNAVAILABLE":
-            raise TestFailure("expert %d is hosted only by an expert with an unlisted key, yet the case got "
-                              "status %r code %r (want error UNAVAILABLE): the unlisted expert was served"
-                              % (k, ans.get("status"), ans.get("code")))
+        for kk in range(c.n_experts):
+            if kk != k:
+                cl.start_expert(c.a.model, kk, extra=curve_a)
+        m = _wait_log(cl.router, r"refused a connection: curve key %s [^\n]*" % re.escape(b_pub), 15,
+                      "the refusal of the unlisted key", at)
+        log("router: %s" % m.group(0))
+        e = G.expect_code(lambda: client.ask(question, image=png, max_tokens=16, timeout=CASE_TIMEOUT),
+                          "UNAVAILABLE", "case needing expert %d, served only by the unlisted key" % k)
+        if not re.search(r"\bexpert %d\b" % k, e.details() or ""):
+            raise TestFailure("UNAVAILABLE does not name expert %d: %r" % (k, e.details()))
         cl.start_expert(c.a.model, k, extra=curve_a, tag="keyA")
-        for x in cases:
-            c.ask_equal(cl, dict(x, id="curve-" + x["id"]))
+        cl.wait_health("SERVING", 15)
+        _std_grpc(c, cl, G, client, "curve")
         if not bexp.alive() and bexp.p.returncode == 0:
             log("note: the expert with the unlisted key exited 0")
-        stats = cl.finish_router()
+        cl.stop_router()
+        stats = _read_stats(stats_file)
         reps = replicas_of(stats, k)
         if len(reps) != 1:
             raise TestFailure("stats list %d replicas of expert %d, want 1 (the unlisted key must not be a "
@@ -806,6 +748,30 @@ def _check_accounting(stats):
         raise TestFailure("in flight after every case ended: %s" % json.dumps(busy))
 
 
+def _read_stats(stats_file):
+    try:
+        with open(stats_file) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise TestFailure("router --stats-file %s unreadable: %s" % (stats_file, e))
+
+
+def _std_grpc(c, cl, G, client, label):
+    """The std cases over gRPC: a generation with the image and a text-only one at once, then a
+    Classify of the image over four candidates; each equal to medmoe-run."""
+    import medmoe_client as MC
+    cases, _ = _fault_cases(c, cl, G)
+    _concurrent_round(cl, G, client, cases[:2], label, CASE_TIMEOUT)
+    with open(c.a.image, "rb") as f:
+        png = f.read()
+    q, cands = "What modality is this image?", ["ct", "mri", "x-ray", "pathology"]
+    ref = G.reference(cl, q, c.a.image, candidates=cands)
+    cid = label + "-classify"
+    res = MC.to_dict(client.classify(q, cands, image=png, case_id=cid, timeout=CASE_TIMEOUT))
+    G.check_classify(res, ref, cid, case_id=cid)
+    log("%s: equal to medmoe-run (ranking %s)" % (cid, [x["text"] for x in res["candidates"]]))
+
+
 def _faulty_replica(c, sub, flag, ignore_re):
     """Router (gRPC) + one replica per expert; a warm-up case; then a second replica of the busiest
     expert started with `flag`; two rounds of concurrent cases (the second after the faulty one said
@@ -845,11 +811,7 @@ def _faulty_replica(c, sub, flag, ignore_re):
         if not cl.router.alive():
             raise TestFailure("router died\n" + cl.router.describe())
         cl.stop_router()
-        try:
-            with open(stats_file) as f:
-                stats = json.load(f)
-        except (OSError, ValueError) as e:
-            raise TestFailure("router --stats-file %s unreadable: %s" % (stats_file, e))
+        stats = _read_stats(stats_file)
         mine = _replicas_of_pid(stats, k, bad.pid)
         others = [r for r in replicas_of(stats, k) if r not in mine]
         log("expert %d: faulty %s; healthy %s" % (k, json.dumps(mine), json.dumps(others)))
@@ -868,6 +830,261 @@ def _faulty_replica(c, sub, flag, ignore_re):
         if not any(r.get("batches", 0) > 0 and r.get("health") == "healthy" for r in others):
             raise TestFailure("stats: no healthy replica of expert %d served batches" % k)
         return stats, mine
+
+
+# -- kill -9 and SIGSTOP of a replica mid-generation ------------------------------------------
+
+LONG_QS = [("Describe the findings in this image.", True, 32), ("What modality is this image?", False, 24)]
+# The other experts' batches take >= 40 ms each, so a case decodes for seconds; the faulted
+# expert's replicas answer at once, so they are idle between batches and one frozen at any moment
+# is soon handed a batch it never reads.
+FAULT_DELAY = ["--debug-delay-ms", "40"]
+
+
+class _StreamRound:
+    """Concurrent AskStream cases, started at once; the tokens each has streamed so far can be read
+    while they run (the moment generation is under way is an event, not a guess)."""
+
+    def __init__(self, G, client, cases, label, timeout):
+        self.label = label
+        self.got = [0] * len(cases)
+        self.t0 = time.monotonic()
+        self.jobs = []
+        for i, (q, img, n, ref) in enumerate(cases):
+            def one(i=i, q=q, img=img, n=n, ref=ref):
+                cid = "%s-%d" % (label, i)
+
+                def counted(call):
+                    for ch in call:
+                        self.got[i] += len(ch.tokens)
+                        yield ch
+                call = client.ask_stream(q, image=img, max_tokens=n, case_id=cid, timeout=timeout)
+                _, _, final = G.stream_answer(counted(call), "%s case %d" % (label, i))
+                G.check_answer(final, ref, "%s case %d" % (label, i), case_id=cid)
+                return time.monotonic() - self.t0
+            self.jobs.append(G.Background(one, "%s case %d" % (label, i)))
+
+    def running(self):
+        return any(j.t.is_alive() for j in self.jobs)
+
+    def wait_tokens(self, n, timeout):
+        """Until every case has streamed at least n tokens (they all decode now)."""
+        deadline = time.monotonic() + timeout
+        while min(self.got) < n:
+            if not self.running() or time.monotonic() > deadline:
+                for j in self.jobs:
+                    if not j.t.is_alive():
+                        j.join(0)  # a case's own failure first
+                raise TestFailure("%s: tokens streamed per case %s, want >= %d each within %d s"
+                                  % (self.label, self.got, n, timeout))
+            time.sleep(0.01)
+
+    def join(self, timeout):
+        """Every case equal to medmoe-run; the round's duration (the slowest case)."""
+        times = [j.join(timeout) for j in self.jobs]
+        log("%s: %d concurrent streamed cases equal to medmoe-run, %s s"
+            % (self.label, len(times), ", ".join("%.2f" % t for t in times)))
+        return max(times)
+
+
+def _long_cases(c, cl, G):
+    with open(c.a.image, "rb") as f:
+        png = f.read()
+    refs = [(q, png if img else None, n, G.reference(cl, q, c.a.image if img else None, n))
+            for q, img, n in LONG_QS]
+    for q, _, n, ref in refs:
+        if len(ref["tokens"]) < n // 2:
+            raise TestFailure("medmoe-run generates only %d tokens for %r: too short to fault a replica "
+                              "mid-generation" % (len(ref["tokens"]), q))
+    return [refs[i % len(refs)] for i in range(CONCURRENT)]
+
+
+def _replica_fault_setup(c, cl, G):
+    """gRPC router (--stats-file) + one replica of every expert (FAULT_DELAY) and a second replica of
+    the expert k the long case's decode uses most (k's two replicas without the delay, with a
+    metrics endpoint). Returns (client, stats_file, k, [k's replicas], long cases, short cases)."""
+    stats_file = os.path.join(cl.workdir, "router.stats.json")
+    cl.start(c.a.model, experts=0, wait_serving=False, router_extra=["--stats-file", stats_file])
+    client = cl.client(cl.tenant_)
+    cases = _long_cases(c, cl, G)
+    k, _ = busiest_decode_expert(cases[0][3])
+    pair = []
+    for kk in list(range(c.n_experts)) + [k]:
+        tag = "" if kk != k else "ab"[len(pair)]
+        extra = list(FAULT_DELAY)
+        if kk == k:
+            port_file = os.path.join(cl.workdir, "expert%d%s.metrics-port" % (kk, tag))
+            extra = ["--metrics-listen", "127.0.0.1:0", "--metrics-port-file", port_file]
+        e = cl.start_expert(c.a.model, kk, extra=extra, tag=tag)
+        if kk == k:
+            e.metrics_port_file = port_file
+            pair.append(e)
+    cl.wait_health("SERVING", 30)
+    short, _ = _fault_cases(c, cl, G)
+    log("expert %d: replicas %s" % (k, ", ".join("%s pid %d" % (e.name, e.pid) for e in pair)))
+    return client, stats_file, k, pair, cases, short
+
+
+def _rows_served(e):
+    """medmoe_expert_rows_total from expert e's /metrics (rows of the batches it answered)."""
+    import urllib.request
+    with open(e.metrics_port_file) as f:
+        port = int(f.read().strip())
+    with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=10) as r:
+        text = r.read().decode()
+    m = re.search(r"^medmoe_expert_rows_total(?:\{\})? (\S+)$", text, re.M)
+    if not m:
+        raise TestFailure("%s /metrics has no medmoe_expert_rows_total" % e.name)
+    return float(m.group(1))
+
+
+def _next_in_line(pair):
+    """Of the two replicas, the one the router hands the expert's next batch: it gives ties (nothing
+    in flight) to the replica that has served fewer rows, so that one, frozen now, is sure to be
+    handed a batch while the cases decode. Returns (victim, survivor)."""
+    rows = [_rows_served(e) for e in pair]
+    log("rows served: %s" % ", ".join("%s %d" % (e.name, n) for e, n in zip(pair, rows)))
+    return (pair[0], pair[1]) if rows[0] <= rows[1] else (pair[1], pair[0])
+
+
+def _node_re(pid):
+    return r"[^,)]*:%d" % pid
+
+
+def _freeze_holding_work(cl, rnd, k, a, hidden, timeout=20):
+    """SIGSTOP replica a while rnd decodes, then wait until a certainly holds a batch it will not
+    answer: a Work unread in its socket (sent after it froze: at least one row's tensor bytes;
+    heartbeats are a few bytes) or, when it froze with a batch already read, the router's timeout
+    of that batch. Returns (router log offset at the freeze, how it was seen)."""
+    port = int(cl.endpoint.rsplit(":", 1)[1])
+    at = len(cl.router.log_text())
+    a.signal(signal.SIGSTOP)
+    timed_out = re.compile(r"\(expert %d, %s\) quarantined for \d+ ms: batch \d+ \(\d+ rows\) unanswered"
+                           % (k, _node_re(a.pid)))
+    deadline = time.monotonic() + timeout
+    while True:
+        unread = D.unread_bytes(a.pid, port)
+        if unread >= hidden * 4:
+            return at, "%d bytes of Work unread in its socket" % unread
+        m = timed_out.search(cl.router.log_text(), at)
+        if m:
+            return at, "router: " + m.group(0)
+        if not rnd.running():
+            raise TestFailure("%s: every case ended before the frozen replica %s of expert %d was handed a "
+                              "batch (streamed %s)" % (rnd.label, a.name, k, rnd.got))
+        if time.monotonic() > deadline:
+            raise TestFailure("the frozen replica %s of expert %d was handed no batch within %d s while "
+                              "cases decoded\n%s" % (a.name, k, timeout, cl.router.describe()))
+        time.sleep(0.01)
+
+
+def _check_resent(cl, k, a, at, left):
+    """The router re-sent what a held: a timeout of one of its batches after offset at (the batch
+    goes to another replica), or its removal with batches in flight (re-sent at once)."""
+    text = cl.router.log_text()
+    timed_out = re.search(r"\(expert %d, %s\) quarantined for \d+ ms: batch \d+ \(\d+ rows\) unanswered"
+                          % (k, _node_re(a.pid)), text[at:])
+    moved = int(re.search(r"; (\d+) in-flight batch\(es\) to re-send", left.group(0)).group(1))
+    if not timed_out and moved < 1:
+        raise TestFailure("the router neither timed out a batch of %s nor re-sent any at its removal (%s)"
+                          % (a.name, left.group(0)))
+    log("re-sent: %s" % (timed_out.group(0) if timed_out else left.group(0)))
+
+
+def _check_fault_stats(stats_file, k, a, b):
+    """The stats file (router stopped): a listed dead, batches served by a before its fault and by b,
+    some batch re-sent, exact in-flight accounting."""
+    stats = _read_stats(stats_file)
+    ra, rb = _replicas_of_pid(stats, k, a.pid), _replicas_of_pid(stats, k, b.pid)
+    log("expert %d: faulted %s; other %s; resent_batches %s" % (k, json.dumps(ra), json.dumps(rb),
+                                                                 stats.get("resent_batches")))
+    _check_accounting(stats)
+    if not ra or ra[0].get("alive") is not False:
+        raise TestFailure("stats: the faulted replica is not listed with alive=false: %s" % json.dumps(ra))
+    if ra[0].get("batches", 0) <= 0:
+        raise TestFailure("stats: the faulted replica served no batches before its fault, so nothing was "
+                          "re-sent from a working replica: %s" % json.dumps(ra))
+    if not any(r.get("batches", 0) > 0 for r in rb):
+        raise TestFailure("stats: the other replica of expert %d served no batches: %s" % (k, json.dumps(rb)))
+    if not stats.get("resent_batches"):
+        raise TestFailure("stats: resent_batches = %r after a replica died holding a batch"
+                          % stats.get("resent_batches"))
+    return stats
+
+
+def sc_kill(c):
+    """kill -9 of a replica holding a batch while concurrent gRPC cases decode: every case equal to
+    medmoe-run, the replica dropped, its batch re-sent to the other replica."""
+    cl, G = _grpc(c, "kill")
+    with cl:
+        client, stats_file, k, pair, cases, short = _replica_fault_setup(c, cl, G)
+        base = _StreamRound(G, client, cases, "baseline", CASE_TIMEOUT).join(CASE_TIMEOUT + 30)
+        rnd = _StreamRound(G, client, cases, "killed", CASE_TIMEOUT)
+        rnd.wait_tokens(2, CASE_TIMEOUT)
+        a, b = _next_in_line(pair)
+        # Frozen only until it is seen holding a batch: then the kill -9 takes that batch with it.
+        at, seen = _freeze_holding_work(cl, rnd, k, a, c.hidden)
+        a.signal(signal.SIGKILL)
+        t_kill = time.monotonic()
+        log("kill -9 replica %s (pid %d) of expert %d after %s; cases had streamed %s tokens"
+            % (a.name, a.pid, k, seen, rnd.got))
+        left = _wait_log(cl.router, r"replica \S+ \(expert %d, %s\) left: [^;]*; \d+ in-flight batch\(es\) to "
+                         r"re-send" % (k, _node_re(a.pid)), 15, "removal of the killed replica", at)
+        log("router, %.2f s after the kill: %s" % (time.monotonic() - t_kill, left.group(0)))
+        dt = rnd.join(CASE_TIMEOUT + 30)
+        log("round with a kill -9 took %.2f s (baseline %.2f s)" % (dt, base))
+        _check_resent(cl, k, a, at, left)
+        if not cl.router.alive():
+            raise TestFailure("router died\n" + cl.router.describe())
+        _concurrent_round(cl, G, client, short, "after-kill", CASE_TIMEOUT)
+        cl.stop_router()
+        _check_fault_stats(stats_file, k, a, b)
+
+
+def sc_freeze(c):
+    """SIGSTOP of a replica holding a batch while concurrent gRPC cases decode: declared dead after
+    ~3 heartbeats, its batch re-sent, every case equal to medmoe-run within the healthy time + 3
+    heartbeats + 2 s; after SIGCONT it says Hello again (its late reply discarded) and cases stay
+    exact."""
+    cl, G = _grpc(c, "freeze")
+    with cl:
+        client, stats_file, k, pair, cases, short = _replica_fault_setup(c, cl, G)
+        base = _StreamRound(G, client, cases, "baseline", CASE_TIMEOUT).join(CASE_TIMEOUT + 30)
+        rnd = _StreamRound(G, client, cases, "frozen", CASE_TIMEOUT)
+        rnd.wait_tokens(2, CASE_TIMEOUT)
+        a, b = _next_in_line(pair)
+        t_stop = time.monotonic()
+        at, seen = _freeze_holding_work(cl, rnd, k, a, c.hidden)
+        log("SIGSTOP replica %s (pid %d) of expert %d: %s after %.2f s; cases had streamed %s tokens"
+            % (a.name, a.pid, k, seen, time.monotonic() - t_stop, rnd.got))
+        dead_after = 3 * HB_MS / 1000.0 + 2.0
+        left = _wait_log(cl.router, r"replica \S+ \(expert %d, %s\) left: silent[^;]*; \d+ in-flight "
+                         r"batch\(es\) to re-send" % (k, _node_re(a.pid)), 15, "removal of the frozen replica",
+                         at)
+        t_left = time.monotonic() - t_stop
+        log("router, %.2f s after SIGSTOP: %s" % (t_left, left.group(0)))
+        if t_left > dead_after:
+            raise TestFailure("the frozen replica was removed %.2f s after SIGSTOP, want within 3 heartbeats "
+                              "+ 2 s (%.1f s)" % (t_left, dead_after))
+        dt = rnd.join(CASE_TIMEOUT + 30)
+        bound = base + 3 * HB_MS / 1000.0 + 2.0
+        log("round with a frozen replica took %.2f s (baseline %.2f s, bound %.2f s)" % (dt, base, bound))
+        if dt > bound:
+            raise TestFailure("round with a frozen replica took %.2f s > baseline %.2f s + 3 heartbeats + 2 s: "
+                              "the frozen replica held the cases up" % (dt, base))
+        _check_resent(cl, k, a, at, left)
+        at = len(cl.router.log_text())
+        a.signal(signal.SIGCONT)
+        j = _wait_log(cl.router, r"joined: expert %d, node %s[^;]*" % (k, _node_re(a.pid)), 20,
+                      "the woken replica joining again", at)
+        log("router after SIGCONT: %s" % j.group(0))
+        if not cl.router.alive():
+            raise TestFailure("router died after the frozen replica woke up\n" + cl.router.describe())
+        _concurrent_round(cl, G, client, short, "after-cont", CASE_TIMEOUT)
+        cl.stop_router()
+        stats = _check_fault_stats(stats_file, k, a, b)
+        if len(_replicas_of_pid(stats, k, a.pid)) < 2:
+            raise TestFailure("stats list the frozen replica once: it did not join again after SIGCONT")
 
 
 def sc_silent(c):

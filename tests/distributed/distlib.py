@@ -3,8 +3,9 @@
 "Router ↔ expert wire").
 
 Starts medmoe-router / medmoe-expert as real processes on 127.0.0.1 with ephemeral
-ports, talks to the router over its --cases stdin / stdout JSON lines, computes the
-single-process answer with medmoe-run, and compares them with tests/reference/compare.py.
+ports, talks to the router over its --cases stdin / stdout JSON lines (tests/grpc/grpclib.py's
+GrpcCluster builds on this for the gRPC front door), computes the single-process answer with
+medmoe-run, and compares them with tests/reference/compare.py.
 
 Rules every user relies on:
   * every process gets its own process group (start_new_session) and is SIGKILLed at the
@@ -116,6 +117,33 @@ class Proc:
         return "%s (pid %d, %s):\n%s" % (self.name, self.pid,
                                          "running" if rc is None else "exit status %d" % rc,
                                          tail(self.log_path))
+
+
+def unread_bytes(pid, port):
+    """Bytes the kernel holds unread on process pid's TCP connections to 127.0.0.1:port (the
+    receive queue in /proc/PID/net/tcp of the sockets among pid's fds). A SIGSTOPped process
+    reads nothing, so what is here was sent to it after it froze: the only outside sign that a
+    frozen expert holds a message. 0 when the process is gone."""
+    inodes = set()
+    try:
+        for fd in os.listdir("/proc/%d/fd" % pid):
+            try:
+                m = re.match(r"socket:\[(\d+)\]$", os.readlink("/proc/%d/fd/%s" % (pid, fd)))
+            except OSError:
+                continue
+            if m:
+                inodes.add(m.group(1))
+        with open("/proc/%d/net/tcp" % pid) as f:
+            rows = f.read().splitlines()[1:]
+    except OSError:
+        return 0
+    total = 0
+    for row in rows:
+        # sl local_address rem_address st tx_queue:rx_queue tr:when retrnsmt uid timeout inode
+        x = row.split()
+        if len(x) > 9 and x[9] in inodes and x[2] == "0100007F:%04X" % port:
+            total += int(x[4].split(":")[1], 16)
+    return total
 
 
 class Router(Proc):

@@ -7,8 +7,10 @@
 Each namespace has its own loopback and sees the others only through its veth, so anything
 that assumed one host (127.0.0.1, shared files between router and experts, a shared port
 space) fails here. The router binds tcp://0.0.0.0:PORT in R; experts in B and C connect to
-R's address on their own link. Cases go in on the router's --cases stdin; the answers must
-equal medmoe-run's (tests/reference/compare.py), and the router must have welcomed every
+R's address on their own link. Cases go in over gRPC (the router listens on 0.0.0.0:PORT in R)
+from the Python client CLI (clients/python/medmoe_client.py) run in ns B, so a client on another
+host reaches the front door across its link; the cases go at once, their answers must equal
+medmoe-run's (tokens, routing, ranked candidates), and the router must have welcomed every
 replica from its own namespace's link.
 
 Needs root (CAP_NET_ADMIN) and `ip netns`; skipped (exit 77) only without them. Namespaces
@@ -17,17 +19,25 @@ run that was killed (-9) is deleted at the start.
 """
 
 import argparse
+import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import time
 
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "distributed"))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(ROOT, "tests", "distributed"))
+sys.path.insert(0, os.path.join(ROOT, "tests", "grpc"))
 import distlib as D  # noqa: E402
+import grpclib as G  # noqa: E402
+
+CLIENT = os.path.join(ROOT, "clients", "python", "medmoe_client.py")
 
 PREFIX = "mmorch"
 SKIP = 77
@@ -91,6 +101,29 @@ class Net:
         return ["ip", "netns", "exec", self.ns[k]]
 
 
+def client_cmd(net, nsk, target, stubs, cmd, *args):
+    """medmoe_client.py CMD --json run in namespace nsk against target (the key comes from
+    $MEDMOE_API_KEY)."""
+    return net.exec_prefix(nsk) + [sys.executable, CLIENT, cmd, "--server", target, "--stubs", stubs,
+                                   "--json", "--timeout-ms", "60000"] + list(args)
+
+
+def client_json(p, what, timeout):
+    """The JSON a client process printed (it must exit 0 within timeout)."""
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        raise D.TestFailure("%s: the client did not finish within %d s" % (what, timeout))
+    if p.returncode != 0:
+        raise D.TestFailure("%s: the client exited %d: %s" % (what, p.returncode, (err or out).strip()[-2000:]))
+    try:
+        return json.loads(out)
+    except ValueError as e:
+        raise D.TestFailure("%s: the client printed no JSON (%s): %.300s" % (what, e, out))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--router", required=True)
@@ -143,18 +176,25 @@ def main():
         log("ns B cannot reach ns C (%s): separate hosts" % r.stdout.strip())
         port = 5555
         endpoint_file = os.path.join(a.workdir, "router.endpoint")
-        router = D.Router("router", net.exec_prefix("r") + [
+        grpc_port_file = os.path.join(a.workdir, "router.grpc-port")
+        tenant = G.Tenant("hospital-b", secrets.token_hex(32), 4, 0)
+        tenants = os.path.join(a.workdir, "tenants.json")
+        with open(tenants, "w") as f:
+            json.dump({"tenants": [tenant.entry()]}, f)
+        router = D.Proc("router", net.exec_prefix("r") + [
             a.router, "--model", a.model, "--vision", os.path.join(a.model, "clip"),
             "--experts-bind", "tcp://0.0.0.0:%d" % port, "--endpoint-file", endpoint_file,
-            "--cases", "-", "--heartbeat-ms", "200", "--expert-wait-ms", "10000"], a.workdir)
+            "--grpc-listen", "0.0.0.0:0", "--grpc-port-file", grpc_port_file, "--tenants", tenants,
+            "--heartbeat-ms", "200", "--expert-wait-ms", "10000"], a.workdir, stdin=subprocess.DEVNULL)
         procs.append(router)
         deadline = time.monotonic() + 20
-        while not os.path.exists(endpoint_file):
+        while not (os.path.exists(endpoint_file) and os.path.exists(grpc_port_file)):
             if not router.alive() or time.monotonic() > deadline:
-                raise D.TestFailure("router wrote no endpoint file\n%s" % router.describe())
+                raise D.TestFailure("router wrote no endpoint / gRPC port file\n%s" % router.describe())
             time.sleep(0.05)
-        with open(endpoint_file) as f:
-            log("router in ns R bound %s" % f.read().strip())
+        with open(endpoint_file) as f, open(grpc_port_file) as g:
+            target = "%s:%d" % (net.addr(1, 1), int(g.read().strip()))
+            log("router in ns R bound %s; gRPC on port %s" % (f.read().strip(), target.rsplit(":", 1)[1]))
         placement = {0: ("b", 1), 1: ("b", 1), 2: ("c", 2), 3: ("c", 2)}
         for k, (nsk, link) in placement.items():
             ep = "tcp://%s:%d" % (net.addr(link, 1), port)
@@ -178,18 +218,46 @@ def main():
             time.sleep(0.1)
         log("every expert joined the router across the veth links")
 
-        cases = [{"id": "gen", "image": a.image, "question": "What modality is this image?", "max_tokens": 16},
-                 {"id": "cls", "image": a.image, "question": "What modality is this image?", "max_tokens": 0,
-                  "candidates": "ct,mri,x-ray,pathology"}]
-        for case in cases:
-            ref, ref_path = D.reference(a.run, a.model, {k: v for k, v in case.items() if k != "id"}, a.workdir)
-            ans = router.ask(case, 60)
-            D.check_equal(ans, ref_path, a.workdir, "case %s across namespaces" % case["id"])
-            used = D.experts_used(ref)
-            log("case %s: experts used %s (ns B hosts 0,1; ns C hosts 2,3)" % (case["id"], used))
-        router.close_input()
-        if router.wait(20) != 0:
-            raise D.TestFailure("router did not exit 0 after its cases\n%s" % router.describe())
+        # The client in ns B (a host of its own) reaches the router's front door across link 1.
+        os.environ["MEDMOE_API_KEY"] = tenant.key
+        stubs = os.path.join(a.workdir, "py-stubs")
+        deadline = time.monotonic() + 30
+        while True:  # also makes the stubs, before the concurrent clients below
+            p = subprocess.Popen(client_cmd(net, "b", target, stubs, "status"), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+            st = client_json(p, "status from ns B", 60)
+            live = {int(e.get("expert", 0)): int(e.get("live_replicas", 0))
+                    for e in st["server_info"].get("experts", [])}
+            if st["health"] == "SERVING" and all(live.get(k, 0) >= 1 for k in range(4)):
+                break
+            if time.monotonic() > deadline:
+                raise D.TestFailure("status from ns B: health %s, live replicas %s within 30 s"
+                                    % (st["health"], live))
+            time.sleep(0.2)
+        log("ns B -> %s: health %s, live replicas per expert %s" % (target, st["health"], live))
+
+        question, cands = "What modality is this image?", ["ct", "mri", "x-ray", "pathology"]
+        ref_gen, _ = D.reference(a.run, a.model, {"image": a.image, "question": question, "max_tokens": 16},
+                                 a.workdir)
+        ref_cls, _ = D.reference(a.run, a.model, {"image": a.image, "question": question, "max_tokens": 0,
+                                                  "candidates": ",".join(cands)}, a.workdir)
+        gen = subprocess.Popen(client_cmd(net, "b", target, stubs, "ask", "--image", a.image, "--question",
+                                          question, "--max-tokens", "16", "--case-id", "gen"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cls = subprocess.Popen(client_cmd(net, "b", target, stubs, "classify", "--image", a.image,
+                                          "--question", question, "--candidates", ",".join(cands),
+                                          "--case-id", "cls"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        G.check_answer(client_json(gen, "Ask from ns B", 90), ref_gen, "Ask from ns B", case_id="gen")
+        G.check_classify(client_json(cls, "Classify from ns B", 90), ref_cls, "Classify from ns B",
+                         case_id="cls")
+        for what, ref in (("Ask", ref_gen), ("Classify", ref_cls)):
+            log("%s from ns B equal to medmoe-run; experts used %s (ns B hosts 0,1; ns C hosts 2,3)"
+                % (what, D.experts_used(ref)))
+        router.signal(signal.SIGTERM)
+        rc = router.wait(20)
+        if rc != 0:
+            raise D.TestFailure("router did not exit 0 within 20 s of SIGTERM (%r)\n%s" % (rc, router.describe()))
     except D.TestFailure as e:
         for pr in procs:
             print("---- " + pr.describe(), flush=True)
