@@ -85,10 +85,13 @@ def mem_available():
 
 
 def rss_of(pid):
+    """Private (anonymous) resident bytes: the weights widened to f32, the KV cache, buffers.
+    The mmapped checkpoint files (RssFile) are page cache shared between processes and
+    reclaimable, so they are left out (VmRSS would count them once per process)."""
     try:
         with open("/proc/%d/status" % pid) as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith("RssAnon:"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError):
         pass
@@ -278,7 +281,7 @@ class Cluster:
             "log_dir": os.path.join(work, "logs"), "state_dir": os.path.join(work, "state"),
             "status_key_file": os.path.join(work, "status.key"), "up_timeout_s": a.up_timeout,
             "router": {"experts_bind": "tcp://127.0.0.1:*", "grpc_listen": "127.0.0.1:0",
-                       "tenants": os.path.join(work, "tenants.json"), "heartbeat_ms": 1000,
+                       "tenants": os.path.join(work, "tenants.json"), "heartbeat_ms": a.heartbeat_ms,
                        "expert_wait_ms": 60000, "args": ["--slots", str(a.slots_used),
                                                          "--max-tokens-limit", str(max(512, a.max_tokens))]},
             "experts": {"count": 4, "replicas": 1, "args": []},
@@ -299,6 +302,8 @@ class Cluster:
         env["OMP_WAIT_POLICY"] = "PASSIVE"
         sup_log = os.path.join(self.work, "logs", "supervisor.log")
         off = os.path.getsize(sup_log) if os.path.exists(sup_log) else 0
+        router_log = os.path.join(self.work, "logs", "router.log")
+        self.router_log_off = os.path.getsize(router_log) if os.path.exists(router_log) else 0
         p = subprocess.Popen([PY, CLUSTER, "up", "--config", self.cfg], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, env=env)
         self.up_done = True
@@ -333,6 +338,23 @@ class Cluster:
             for r in reps:
                 out.append((r["name"], r["pid"]))
         return out
+
+    def churn(self):
+        """What the router logged since this start: replicas that left (and why), batches re-sent."""
+        import re
+        try:
+            with open(os.path.join(self.work, "logs", "router.log"), "rb") as f:
+                f.seek(self.router_log_off)  # the logs are appended to across runs
+                text = f.read().decode(errors="replace")
+        except (OSError, AttributeError):
+            return None
+        left = re.findall(r"replica \S+ \(expert \d+, [^)]*\) left: ([^;(]*)", text)
+        resent = sum(int(x) for x in re.findall(r"; (\d+) in-flight batch\(es\) to re-send", text))
+        why = {}
+        for w in left:
+            w = w.strip()
+            why[w] = why.get(w, 0) + 1
+        return dict(left=len(left), why=why, resent=resent)
 
     def log_tail(self, name, n=1500):
         try:
@@ -461,6 +483,7 @@ def main():
     ap.add_argument("--prefill-frac", type=float, default=0.25,
                     help="the small case arrives at vision + this fraction of the image case's prefill")
     ap.add_argument("--no-interference", action="store_true", help="skip the small-case-during-prefill figure")
+    ap.add_argument("--heartbeat-ms", type=int, default=1000, help="router.heartbeat_ms (medmoe-cluster's default)")
     ap.add_argument("--case-timeout", type=float, default=3600.0, help="seconds, per gRPC call")
     ap.add_argument("--up-timeout", type=float, default=900.0, help="seconds for medmoe-cluster up")
     a = ap.parse_args()
@@ -574,7 +597,7 @@ def main():
             say("the cluster did not come up: %s" % e)
             return 0
         rss = [(n, rss_of(pid)) for n, pid in cl.pids()]
-        say("cluster up in %.0f s at %s; RSS %s; total %s; MemAvailable now %s"
+        say("cluster up in %.0f s at %s; private RSS (RssAnon) %s; total %s; MemAvailable now %s"
             % (cl.up_s, cl.target, ", ".join("%s %s" % (n, gib(r)) for n, r in rss),
                gib(sum(r or 0 for _, r in rss)), gib(mem_available())))
         # warm-up: one short text case (first-touch effects out of the figures)
@@ -598,6 +621,7 @@ def main():
             inter = interference(MC, cl, png, a, results.get(1), base)
     finally:
         peak = [(n, rss_of(pid)) for n, pid in cl.pids()] if getattr(cl, "state", None) else []
+        churn = cl.churn() if getattr(cl, "state", None) else None
         cl.down()
 
     # report
@@ -607,31 +631,34 @@ def main():
            "" if a.tiny else (" = FULL SIZE" if sh["layers"] == 24 and sh["clip_layers"] == 24 else ""),
            a.max_tokens))
     if peak:
-        say("RSS at the end: %s; total %s" % (", ".join("%s %s" % (n, gib(r)) for n, r in peak),
+        say("private RSS (RssAnon) at the end: %s; total %s" % (", ".join("%s %s" % (n, gib(r)) for n, r in peak),
                                               gib(sum(r or 0 for _, r in peak))))
     if base:
         say("medmoe-run 1 case (%d threads): vision %s ms, prefill %s ms, first token %s ms, decode %s ms/token "
             "(%s tok/s)" % (a.run_threads, ms(base["vision_ms"]), ms(base["prefill_ms"]), ms(b_ttft), ms(b_dec),
                             "%.2f" % (1e3 / b_dec) if b_dec else "-"))
     say("cluster: router --slots %d + 4 experts, MEDMOE_THREADS=%d, two tenants; TTFT = client call -> first "
-        "streamed token; p99 of <100 cases = the max" % (a.slots_used, a.threads))
-    hdr = ("%4s %5s %8s %9s %9s %9s %9s %9s %11s %9s %9s %7s %s"
-           % ("N", "ok", "wall s", "TTFT p50", "TTFT p99", "srv queue", "srv vis", "srv dec",
+        "streamed token; nearest-rank percentiles (p50 of 4 = the 3rd; p99 of <100 cases = the max)"
+        % (a.slots_used, a.threads))
+    hdr = ("%4s %5s %8s %9s %9s %9s %9s %9s %9s %11s %9s %9s %7s %s"
+           % ("N", "ok", "wall s", "TTFT min", "TTFT p50", "TTFT p99", "srv queue", "srv vis", "srv dec",
               "dec tok/s/c", "total", "decoding", "tokens", "errors"))
     say(hdr)
-    say("%4s %5s %8s %9s %9s %9s %9s %9s %11s %9s %9s %7s" % ("", "", "", "ms", "ms", "p50 ms", "p50 ms",
-                                                             "ms/tok", "p50 (min)", "tok/s", "tok/s", ""))
+    say("%4s %5s %8s %9s %9s %9s %9s %9s %9s %11s %9s %9s %7s" % ("", "", "", "ms", "ms", "ms", "p50 ms",
+                                                                 "p50 ms", "ms/tok", "p50 (min)", "tok/s",
+                                                                 "tok/s", ""))
     if base:
-        say("%4s %5s %8s %9s %9s %9s %9s %9s %11s %9s %9s %7s %s"
-            % ("run", "1", "%.1f" % base["wall_s"], ms(b_ttft), ms(b_ttft), "-", ms(base["vision_ms"]), ms(b_dec),
-               "%.2f" % (1e3 / b_dec) if b_dec else "-", "-", "-", n_tok, "(medmoe-run, load excl.)"))
+        say("%4s %5s %8s %9s %9s %9s %9s %9s %9s %11s %9s %9s %7s %s"
+            % ("run", "1", "%.1f" % base["wall_s"], ms(b_ttft), ms(b_ttft), ms(b_ttft), "-", ms(base["vision_ms"]),
+               ms(b_dec), "%.2f" % (1e3 / b_dec) if b_dec else "-", "-", "-", n_tok, "(medmoe-run, load excl.)"))
     for n in sizes:
         s = results.get(n)
         if not s:
             continue
         decs = "%.2f (%.2f)" % (statistics.median(s["dec"]), min(s["dec"])) if s["dec"] else "-"
-        say("%4d %5s %8.1f %9s %9s %9s %9s %9s %11s %9.2f %9.2f %7d %s"
-            % (n, "%d/%d" % (s["ok"], s["n"]), s["wall"], ms(pct(s["ttft"], 50)), ms(pct(s["ttft"], 99)),
+        say("%4d %5s %8.1f %9s %9s %9s %9s %9s %9s %11s %9.2f %9.2f %7d %s"
+            % (n, "%d/%d" % (s["ok"], s["n"]), s["wall"], ms(min(s["ttft"] or [float("nan")])),
+               ms(pct(s["ttft"], 50)), ms(pct(s["ttft"], 99)),
                ms(pct(s["srv_queue"], 50)), ms(pct(s["srv_vision"], 50)), ms(pct(s["srv_dec"], 50)),
                decs, s["total_tps"], s["decode_tps"], s["tokens"], s["errors"] or "-"))
     say("columns: srv = the router's own timings (queue = arrival to admission; vision = decode + tower + "
@@ -650,6 +677,14 @@ def main():
                    ms(max(results[n]["srv_queue"] or [float("nan")]))))
     if inter:
         report_interference(inter)
+    if churn and churn["left"]:
+        say("NOTE: while serving, expert replicas left the router %d time(s) (%s) and rejoined; %d in-flight "
+            "batch(es) were re-sent. 'connection gone' = the expert stopped hearing the router's heartbeat "
+            "for 3 x %d ms (a busy router on a loaded machine) and reconnected; see %s"
+            % (churn["left"], ", ".join("%s: %d" % kv for kv in sorted(churn["why"].items())), churn["resent"],
+               a.heartbeat_ms, os.path.join(work, "logs")))
+    elif churn is not None:
+        say("expert replicas: none left or rejoined while serving")
     say("end: %s; bench wall %.0f s" % (load_str(), time.monotonic() - t_start))
     return 0
 
