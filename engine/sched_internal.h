@@ -30,6 +30,7 @@ typedef struct s_case {
     int busy;      /* an image worker has it                          */
     int cancelled; /* cancel asked while busy or in a step             */
     int finishing; /* done: finish after this step                    */
+    int starved;   /* prefilling, and got no rows in the last step     */
     int fail_rc;   /* finish with this status instead of MM_OK          */
     char fail_msg[1024];
     /* image stage */
@@ -128,6 +129,7 @@ struct mm_sched {
     uint8_t *row_want, *row_kind;
     float *row_embed, *logits, *work;
     s_case **row_case;
+    s_case **row_order; /* [n_slots] the step's prefill/classify order */
     size_t max_want;
     s_done *done;
     size_t n_done, cap_done;

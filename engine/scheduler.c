@@ -110,6 +110,7 @@ int mm_sched_new(mm_model *m, const mm_tokenizer *tok, const mm_sched_options *o
     pthread_cond_init(&s->image_cv, &ca);
     pthread_condattr_destroy(&ca);
     s->slots = calloc((size_t)n_slots, sizeof *s->slots);
+    s->row_order = calloc((size_t)n_slots, sizeof *s->row_order);
     s->img_busy = calloc((size_t)o->image_workers + 1, sizeof *s->img_busy);
     s->workers = calloc((size_t)o->image_workers + 1, sizeof *s->workers);
     s->worker_args = calloc((size_t)o->image_workers + 1, sizeof *s->worker_args);
@@ -124,9 +125,9 @@ int mm_sched_new(mm_model *m, const mm_tokenizer *tok, const mm_sched_options *o
     s->step_routing = malloc(rt);
     s->work = malloc(s->V * sizeof *s->work);
     s->order = malloc(s->V * sizeof *s->order);
-    if (!s->slots || !s->img_busy || !s->workers || !s->worker_args || !s->row_tok ||
-        !s->row_slot || !s->row_pos || !s->row_want || !s->row_kind || !s->row_case ||
-        !s->row_embed || !s->logits || !s->step_routing || !s->work || !s->order) {
+    if (!s->slots || !s->row_order || !s->img_busy || !s->workers || !s->worker_args ||
+        !s->row_tok || !s->row_slot || !s->row_pos || !s->row_want || !s->row_kind ||
+        !s->row_case || !s->row_embed || !s->logits || !s->step_routing || !s->work || !s->order) {
         mm_sched_destroy(&s);
         return mm_errorf(err, errlen, MM_ENOMEM, "scheduler: out of memory for step buffers");
     }
@@ -194,6 +195,7 @@ void mm_sched_destroy(mm_sched **sp) {
     pthread_cond_destroy(&s->image_cv);
     free(s->tenants);
     free(s->slots);
+    free(s->row_order);
     free(s->img_busy);
     free(s->workers);
     free(s->worker_args);
@@ -437,6 +439,17 @@ static double s_logprob(const float *row, size_t n, int32_t i) {
 
 /* Rows for the step: every decode row, then prefill and candidate chunks
  * within the budget. Returns the row count (engine, unlocked). */
+/* Prefill order: a starved prompt first, then fewest rows left, then the
+ * earlier admission. */
+static int s_prefill_before(const s_case *a, const s_case *b) {
+    if (a->starved != b->starved)
+        return a->starved;
+    size_t ra = a->P - a->n_prefilled, rb = b->P - b->n_prefilled;
+    if (ra != rb)
+        return ra < rb;
+    return a->t_admit < b->t_admit;
+}
+
 static size_t s_build_rows(mm_sched *s, double *deadline) {
     size_t n = 0, B = s->o.max_step_rows, want = 0;
     *deadline = 0;
@@ -453,16 +466,45 @@ static size_t s_build_rows(mm_sched *s, double *deadline) {
         n++;
         want++;
     }
-    for (int k = 0; k < s->n_slots && n < B; k++) {
+    /* The order of the other rows: candidate scoring first (a few rows),
+     * then prompts, shortest remaining first, so that a small case that
+     * arrives while a long prompt is being prefilled gets its first token
+     * after one step instead of waiting for the whole long prompt; a prompt
+     * that got no rows in the last step goes first (nothing starves). All
+     * prompts together take at most prefill_chunk rows a step. */
+    s_case **order = s->row_order;
+    size_t no = 0, npre = 0;
+    for (int k = 0; k < s->n_slots; k++) {
         s_case *c = s->slots[(s->prefill_rr + (size_t)k) % (size_t)s->n_slots];
-        if (!c || c->fail_rc)
+        if (c && !c->fail_rc && c->state == S_CLASSIFY)
+            order[no++] = c;
+    }
+    for (int k = 0; k < s->n_slots; k++) {
+        s_case *c = s->slots[(s->prefill_rr + (size_t)k) % (size_t)s->n_slots];
+        if (!c || c->fail_rc || c->state != S_PREFILL)
             continue;
+        size_t j = no + npre++; /* insertion sort: a handful of cases */
+        while (j > no && s_prefill_before(c, order[j - 1])) {
+            order[j] = order[j - 1];
+            j--;
+        }
+        order[j] = c;
+    }
+    for (size_t k = no; k < no + npre; k++)
+        order[k]->starved = 1; /* until it gets rows below */
+    size_t prefill_left = s->o.prefill_chunk;
+    for (size_t k = 0; k < no + npre && n < B; k++) {
+        s_case *c = order[k];
         if (c->state == S_PREFILL) {
             size_t take = c->P - c->n_prefilled;
-            if (take > s->o.prefill_chunk)
-                take = s->o.prefill_chunk;
+            if (take > prefill_left)
+                take = prefill_left;
             if (take > B - n)
                 take = B - n;
+            if (take == 0)
+                continue;
+            c->starved = 0;
+            prefill_left -= take;
             if (c->n_prefilled == 0)
                 c->t_prefill0 = mm_now_ms();
             for (size_t j = 0; j < take; j++, n++) {
@@ -477,7 +519,7 @@ static size_t s_build_rows(mm_sched *s, double *deadline) {
                 s->row_case[n] = c;
                 want += s->row_want[n];
             }
-        } else if (c->state == S_CLASSIFY) {
+        } else {
             /* rows of candidate cand_next: tokens 0..len-2 at P.., each
              * predicting the next token of the candidate */
             size_t len = c->cand_n[c->cand_next];

@@ -20,11 +20,14 @@
  *           queue cannot starve another.
  *   running each step runs ONE mm_model_forward over the decode row of every
  *           generating case plus prompt chunks of the cases still prefilling
- *           (at most prefill_chunk rows of one case, max_step_rows in all; the
- *           prefill share rotates between cases from step to step); each case
+ *           (prefill_chunk prompt rows in all, the prompt with the fewest rows
+ *           left first — a prompt that got nothing last step goes first —
+ *           max_step_rows rows in all), and the rows of the candidate being
+ *           scored (classification: the candidate's tokens at positions P..
+ *           of the case's own slot, reusing the prompt's KV cache); each case
  *           picks its next token (greedy, or its own seeded sampler, over the
  *           first mm_tokenizer_size ids), streams it, and finishes at EOS or
- *           max_tokens. Candidates are then scored (classification).
+ *           max_tokens; candidates are then scored, one a step.
  * A step that fails (e.g. an expert with no live replica) is retried for each
  * of its cases alone, so only the cases that needed the failing part fail:
  * rows are idempotent (a row writes the KV cache at its own position).
@@ -77,7 +80,9 @@ typedef struct mm_sched mm_sched;
 typedef struct mm_sched_options {
     size_t max_step_rows;         /* token rows per forward step (default 512); must be
                                      >= mm_model_n_slots (every decode row fits)       */
-    size_t prefill_chunk;         /* prompt rows of one case per step (default 256)    */
+    size_t prefill_chunk;         /* prompt rows per step, all cases together (default
+                                     256): bounds how long a step makes the decoding
+                                     cases wait; the prompt closest to done goes first */
     size_t max_queued;            /* cases not yet running at most (default 256); each
                                      holds its image bytes, then its embeddings
                                      (image_tokens * hidden floats) until admitted      */

@@ -663,6 +663,45 @@ static void test_forward_failure(void) {
     mm_model_destroy(&m);
 }
 
+/* A short prompt admitted while a long one is being prefilled goes first:
+ * its first token comes from the very next step, not after the long
+ * prompt (prefill_chunk is the budget of all prompts together). */
+static void test_short_first(void) {
+    mm_model *m = s_load(2);
+    mm_sched *s = s_sched(m, 0, 160, 0); /* the short prompt (~130) fits one chunk */
+    tctx ctx = {.sch = s};
+    char longq[2048] = "";
+    for (int i = 0; i < 5; i++) /* ~245 positions: two chunks */
+        strcat(longq, "Describe every finding of this study in detail. ");
+    spec sp_long = {"hospital-a", longq, -1, 2, 0, 0, NULL};
+    spec sp_short = {"hospital-b", g_questions[4], -1, 2, 0, 0, NULL};
+    tcase lg = {.ctx = &ctx}, sh = {.ctx = &ctx};
+    mm_sched_request r;
+    char err[512];
+    s_fill_request(&sp_long, &lg, &r);
+    CHECK(mm_sched_submit(s, &r, &lg.id, err, sizeof err) == MM_OK);
+    CHECK(mm_sched_step(s, err, sizeof err) == MM_OK); /* 160 rows of the long prompt */
+    s_fill_request(&sp_short, &sh, &r);
+    CHECK(mm_sched_submit(s, &r, &sh.id, err, sizeof err) == MM_OK);
+    int k = 0;
+    while (sh.n_tok_cb == 0 && k < 10) {
+        CHECK(mm_sched_step(s, err, sizeof err) == MM_OK);
+        k++;
+    }
+    CHECKF(sh.n_tok_cb == 1 && k <= 2, "short case's first token after %d shared step(s)", k);
+    s_run_all(s, 400);
+    json_t *ref = s_reference(m, &sp_long);
+    s_compare("short-first long", 0, &lg, ref);
+    json_decref(ref);
+    ref = s_reference(m, &sp_short);
+    s_compare("short-first short", 1, &sh, ref);
+    json_decref(ref);
+    s_tcase_clear(&lg);
+    s_tcase_clear(&sh);
+    mm_sched_destroy(&s);
+    mm_model_destroy(&m);
+}
+
 /* ---- threads: image workers + engine thread ------------------------------------------ */
 
 static int s_done_now(tcase *t) { return __atomic_load_n(&t->done, __ATOMIC_ACQUIRE); }
@@ -837,6 +876,7 @@ int main(int argc, char **argv) {
         test_bad_requests();
         test_forward_failure();
         test_threads();
+        test_short_first();
     }
     for (int i = 0; i < 3; i++)
         free(g_img[i].data);
