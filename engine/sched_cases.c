@@ -46,6 +46,8 @@ void sched_case_free(s_case *c) {
     free(c->cand_ids);
     free(c->cand_n);
     free(c->cand_lp);
+    free(c->cand_done);
+    free(c->lent);
     free(c->cand_buf);
     free(c);
 }
@@ -127,6 +129,9 @@ void sched_fifo_push(s_case **head, s_case **tail, s_case *c) {
 
 /* Take c out of every structure (locked). It is then the caller's alone. */
 void sched_detach(mm_sched *s, s_case *c) {
+    for (size_t i = 0; i < c->n_lent; i++) /* slots borrowed for candidates */
+        s->lent_to[c->lent[i]] = NULL;
+    c->n_lent = 0;
     s_tenant *t = sched_tenant_find(s, c->tenant, NULL);
     switch (c->state) {
     case S_IMAGE:

@@ -59,7 +59,9 @@ static int s_parse_candidates(mm_sched *s, s_case *c, const mm_sched_request *r,
     c->cand_ids = calloc(n, sizeof *c->cand_ids);
     c->cand_n = calloc(n, sizeof *c->cand_n);
     c->cand_lp = calloc(n, sizeof *c->cand_lp);
-    if (!c->cand_ids || !c->cand_n || !c->cand_lp)
+    c->cand_done = calloc(n, sizeof *c->cand_done);
+    c->lent = calloc(n, sizeof *c->lent);
+    if (!c->cand_ids || !c->cand_n || !c->cand_lp || !c->cand_done || !c->lent)
         return mm_errorf(err, errlen, MM_ENOMEM, "candidates: out of memory");
     const char *p = c->cand_buf;
     for (size_t i = 0; i < n; i++) {
@@ -80,6 +82,10 @@ static int s_parse_candidates(mm_sched *s, s_case *c, const mm_sched_request *r,
                              "candidates: entry %zu: %s", i + 1, sub);
         if (c->cand_n[i] == 0)
             return mm_errorf(err, errlen, MM_EINVAL, "candidates: entry %zu has no tokens", i + 1);
+        if (c->cand_n[i] > S_CLASSIFY_ROWS + 1)
+            return mm_errorf(err, errlen, MM_EINVAL,
+                             "candidates: entry %zu has %zu tokens, more than %d", i + 1,
+                             c->cand_n[i], S_CLASSIFY_ROWS + 1);
         if (c->cand_n[i] > c->max_cand)
             c->max_cand = c->cand_n[i];
         p += pl + 1;

@@ -63,7 +63,9 @@ typedef struct s_case {
     int32_t **cand_ids;
     size_t *cand_n;
     double *cand_lp;
-    size_t cand_next, cand_off; /* candidate being scored, rows of it done */
+    uint8_t *cand_done; /* [n_cands] scored                                  */
+    int *lent;          /* [n_cands] idle slots lent for candidate rows       */
+    size_t n_lent;
     double t_cls0, t_cls1;
     /* callbacks */
     mm_sched_token_fn on_token;
@@ -130,6 +132,9 @@ struct mm_sched {
     float *row_embed, *logits, *work;
     s_case **row_case;
     s_case **row_order; /* [n_slots] the step's prefill/classify order */
+    int32_t *row_cand;  /* [B] candidate of a R_CLASSIFY row, and its token */
+    int32_t *row_ctok;
+    s_case **lent_to; /* [n_slots] a slot lent to a case scoring candidates */
     size_t max_want;
     s_done *done;
     size_t n_done, cap_done;

@@ -111,6 +111,9 @@ int mm_sched_new(mm_model *m, const mm_tokenizer *tok, const mm_sched_options *o
     pthread_condattr_destroy(&ca);
     s->slots = calloc((size_t)n_slots, sizeof *s->slots);
     s->row_order = calloc((size_t)n_slots, sizeof *s->row_order);
+    s->lent_to = calloc((size_t)n_slots, sizeof *s->lent_to);
+    s->row_cand = malloc(B * sizeof *s->row_cand);
+    s->row_ctok = malloc(B * sizeof *s->row_ctok);
     s->img_busy = calloc((size_t)o->image_workers + 1, sizeof *s->img_busy);
     s->workers = calloc((size_t)o->image_workers + 1, sizeof *s->workers);
     s->worker_args = calloc((size_t)o->image_workers + 1, sizeof *s->worker_args);
@@ -125,9 +128,10 @@ int mm_sched_new(mm_model *m, const mm_tokenizer *tok, const mm_sched_options *o
     s->step_routing = malloc(rt);
     s->work = malloc(s->V * sizeof *s->work);
     s->order = malloc(s->V * sizeof *s->order);
-    if (!s->slots || !s->row_order || !s->img_busy || !s->workers || !s->worker_args ||
-        !s->row_tok || !s->row_slot || !s->row_pos || !s->row_want || !s->row_kind ||
-        !s->row_case || !s->row_embed || !s->logits || !s->step_routing || !s->work || !s->order) {
+    if (!s->slots || !s->row_order || !s->lent_to || !s->row_cand || !s->row_ctok || !s->img_busy ||
+        !s->workers || !s->worker_args || !s->row_tok || !s->row_slot || !s->row_pos ||
+        !s->row_want || !s->row_kind || !s->row_case || !s->row_embed || !s->logits ||
+        !s->step_routing || !s->work || !s->order) {
         mm_sched_destroy(&s);
         return mm_errorf(err, errlen, MM_ENOMEM, "scheduler: out of memory for step buffers");
     }
@@ -196,6 +200,9 @@ void mm_sched_destroy(mm_sched **sp) {
     free(s->tenants);
     free(s->slots);
     free(s->row_order);
+    free(s->lent_to);
+    free(s->row_cand);
+    free(s->row_ctok);
     free(s->img_busy);
     free(s->workers);
     free(s->worker_args);
@@ -359,7 +366,7 @@ static s_case *s_pop_waiting(mm_sched *s) {
 /* Ready cases into free slots (locked). */
 static void s_admit(mm_sched *s) {
     for (int slot = 0; slot < s->n_slots && s->n_waiting > 0; slot++) {
-        if (s->slots[slot])
+        if (s->slots[slot] || s->lent_to[slot])
             continue;
         s_case *c = s_pop_waiting(s);
         if (!c)
@@ -412,12 +419,13 @@ static void s_generated(mm_sched *s, s_case *c, double now) {
     if (c->n_cands) {
         c->state = S_CLASSIFY;
         c->t_cls0 = now;
-        c->cand_next = 0;
-        c->cand_off = 0;
         /* one-token candidates are fully scored by the prompt's logits */
-        while (c->cand_next < c->n_cands && c->cand_n[c->cand_next] < 2)
-            c->cand_next++;
-        if (c->cand_next == c->n_cands) {
+        int left = 0;
+        for (size_t k = 0; k < c->n_cands; k++) {
+            c->cand_done[k] = c->cand_n[k] < 2;
+            left |= !c->cand_done[k];
+        }
+        if (!left) {
             c->t_cls1 = now;
             c->finishing = 1;
         }
@@ -439,6 +447,58 @@ static double s_logprob(const float *row, size_t n, int32_t i) {
 
 /* Rows for the step: every decode row, then prefill and candidate chunks
  * within the budget. Returns the row count (engine, unlocked). */
+/* Lend idle slots (after admission: no case waits for them) to c for its
+ * candidates, copying the prompt's KV cache into each: then several
+ * candidates are scored in one step, each in its own slot at positions
+ * P.. (engine thread, unlocked; lent_to is only read under the lock by
+ * admission, which runs on this thread too). */
+static void s_lend_slots(mm_sched *s, s_case *c, size_t want_slots) {
+    for (int k = 0; k < s->n_slots && c->n_lent < want_slots; k++) {
+        if (s->slots[k] || s->lent_to[k])
+            continue;
+        char err[512];
+        if (mm_model_kv_copy(s->m, c->slot, k, c->P, err, sizeof err) != MM_OK)
+            return; /* score in fewer slots */
+        pthread_mutex_lock(&s->mu);
+        s->lent_to[k] = c;
+        pthread_mutex_unlock(&s->mu);
+        c->lent[c->n_lent++] = k;
+    }
+}
+
+/* The rows of c's unscored candidates: each candidate whole (tokens
+ * 0..len-2 at positions P.., each predicting the next token), one per slot
+ * (its own, then lent ones), as many as fit. Returns the new row count. */
+static size_t s_classify_rows(mm_sched *s, s_case *c, size_t n, size_t *want) {
+    size_t B = s->o.max_step_rows, pending = 0;
+    for (size_t k = 0; k < c->n_cands; k++)
+        pending += !c->cand_done[k];
+    if (pending > 1 + c->n_lent)
+        s_lend_slots(s, c, pending - 1);
+    size_t used = 0; /* slots given a candidate this step: own first */
+    for (size_t k = 0; k < c->n_cands && used <= c->n_lent; k++) {
+        if (c->cand_done[k])
+            continue;
+        size_t rows = c->cand_n[k] - 1;
+        if (rows > B - n || rows > s->max_want - *want)
+            break; /* next step */
+        int slot = used == 0 ? c->slot : c->lent[used - 1];
+        used++;
+        for (size_t t = 0; t < rows; t++, n++) {
+            s->row_tok[n] = c->cand_ids[k][t];
+            s->row_slot[n] = slot;
+            s->row_pos[n] = (int32_t)(c->P + t);
+            s->row_want[n] = 1;
+            s->row_kind[n] = R_CLASSIFY;
+            s->row_case[n] = c;
+            s->row_cand[n] = (int32_t)k;
+            s->row_ctok[n] = (int32_t)t;
+            (*want)++;
+        }
+    }
+    return n;
+}
+
 /* Prefill order: a starved prompt first, then fewest rows left, then the
  * earlier admission. */
 static int s_prefill_before(const s_case *a, const s_case *b) {
@@ -520,24 +580,7 @@ static size_t s_build_rows(mm_sched *s, double *deadline) {
                 want += s->row_want[n];
             }
         } else {
-            /* rows of candidate cand_next: tokens 0..len-2 at P.., each
-             * predicting the next token of the candidate */
-            size_t len = c->cand_n[c->cand_next];
-            size_t take = len - 1 - c->cand_off;
-            if (take > B - n)
-                take = B - n;
-            if (take > s->max_want - want)
-                take = s->max_want - want;
-            for (size_t j = 0; j < take; j++, n++) {
-                size_t t = c->cand_off + j;
-                s->row_tok[n] = c->cand_ids[c->cand_next][t];
-                s->row_slot[n] = c->slot;
-                s->row_pos[n] = (int32_t)(c->P + t);
-                s->row_want[n] = 1;
-                s->row_kind[n] = R_CLASSIFY;
-                s->row_case[n] = c;
-                want++;
-            }
+            n = s_classify_rows(s, c, n, &want);
         }
         if (c->deadline > 0 && (*deadline == 0 || c->deadline < *deadline))
             *deadline = c->deadline;
@@ -610,18 +653,16 @@ static void s_apply(mm_sched *s, size_t n, double now) {
         if (i == 0 || s->row_case[i - 1] != c)
             c->steps++;
         if (s->row_kind[i] == R_CLASSIFY) {
-            size_t t = c->cand_off++;
-            c->cand_lp[c->cand_next] +=
-                s_logprob(lg, s->n_scored, c->cand_ids[c->cand_next][t + 1]);
-            if (c->cand_off + 1 == c->cand_n[c->cand_next]) {
-                c->cand_off = 0;
-                c->cand_next++;
-                while (c->cand_next < c->n_cands && c->cand_n[c->cand_next] < 2)
-                    c->cand_next++;
-                if (c->cand_next == c->n_cands) {
-                    c->t_cls1 = now;
-                    c->finishing = 1;
-                }
+            size_t k = (size_t)s->row_cand[i], t = (size_t)s->row_ctok[i];
+            c->cand_lp[k] += s_logprob(lg, s->n_scored, c->cand_ids[k][t + 1]);
+            if (t + 2 == c->cand_n[k]) /* its last row */
+                c->cand_done[k] = 1;
+            int left = 0;
+            for (size_t q = 0; q < c->n_cands && !left; q++)
+                left = !c->cand_done[q];
+            if (!left && !c->finishing) {
+                c->t_cls1 = now;
+                c->finishing = 1;
             }
             continue;
         }

@@ -1203,3 +1203,61 @@ out:
     free(want);
     return rc;
 }
+
+/* ---- KV-cache copy ----------------------------------------------------------- */
+
+int mm_model_kv_copy(mm_model *m, int src_slot, int dst_slot, size_t n_pos, char *err,
+                     size_t errlen) {
+    int S = m->opt.n_slots;
+    if (src_slot < 0 || src_slot >= S || dst_slot < 0 || dst_slot >= S || src_slot == dst_slot ||
+        n_pos > (size_t)m->max_ctx)
+        return mm_errorf(err, errlen, MM_EINVAL,
+                         "kv_copy: slots %d -> %d of %d, %zu positions of %d", src_slot, dst_slot,
+                         S, n_pos, m->max_ctx);
+    if (n_pos == 0)
+        return MM_OK;
+    mm_backend *be = m->be;
+    mm_tensor *idx = NULL, *seq = NULL, *tmp = NULL, *flat = NULL;
+    int32_t *host = malloc(n_pos * 2 * sizeof *host);
+    int rc = host ? MM_OK : MM_ENOMEM;
+    /* rows src*ctx + i of the flattened cache -> (dst, i) */
+    for (size_t i = 0; rc == MM_OK && i < n_pos; i++)
+        host[i] = (int32_t)((size_t)src_slot * (size_t)m->max_ctx + i);
+    if (rc == MM_OK)
+        rc = mm_tensor_new_2d(be, MM_I32, n_pos, 1, &idx);
+    if (rc == MM_OK)
+        rc = mm_tensor_set(idx, host, MM_I32);
+    for (size_t i = 0; rc == MM_OK && i < n_pos; i++) {
+        host[2 * i] = dst_slot;
+        host[2 * i + 1] = (int32_t)i;
+    }
+    if (rc == MM_OK)
+        rc = mm_tensor_new_2d(be, MM_I32, n_pos, 2, &seq);
+    if (rc == MM_OK)
+        rc = mm_tensor_set(seq, host, MM_I32);
+    for (int l = 0; rc == MM_OK && l < m->cfg.num_hidden_layers; l++) {
+        mm_tensor *caches[2] = {m->layers[l].kcache, m->layers[l].vcache};
+        for (int c = 0; rc == MM_OK && c < 2; c++) {
+            if (!caches[c])
+                return mm_errorf(err, errlen, MM_EINVAL, "kv_copy: this model has no KV cache");
+            size_t kw = caches[c]->shape[2];
+            size_t shape[2] = {(size_t)S * (size_t)m->max_ctx, kw};
+            if (!tmp)
+                rc = mm_tensor_new_2d(be, MM_F32, n_pos, kw, &tmp);
+            if (rc == MM_OK)
+                rc = mm_tensor_reshape(caches[c], 2, shape, &flat);
+            if (rc == MM_OK)
+                rc = mm_get_rows(be, tmp, flat, idx);
+            if (rc == MM_OK)
+                rc = mm_kv_store(be, caches[c], tmp, seq);
+            mm_tensor_destroy(&flat);
+        }
+    }
+    if (rc != MM_OK)
+        mm_errorf(err, errlen, rc, "kv_copy: %s", mm_backend_error(be));
+    mm_tensor_destroy(&idx);
+    mm_tensor_destroy(&seq);
+    mm_tensor_destroy(&tmp);
+    free(host);
+    return rc;
+}

@@ -104,6 +104,12 @@ typedef struct mm_step {
 int mm_model_forward(mm_model *m, const mm_step *s, float *logits, int32_t *routing, char *err,
                      size_t errlen);
 
+/* Copy positions [0, n_pos) of every layer's KV cache from slot src to slot
+ * dst (on the backend, enqueued like a forward step): a prompt computed once
+ * can then be continued in several slots (candidate scoring). */
+int mm_model_kv_copy(mm_model *m, int src_slot, int dst_slot, size_t n_pos, char *err,
+                     size_t errlen);
+
 /* ---- the routed experts: where they run ---------------------------------- */
 
 /* One expert's share of one MoE layer. */

@@ -663,6 +663,34 @@ static void test_forward_failure(void) {
     mm_model_destroy(&m);
 }
 
+/* Candidates are scored in one step when idle slots can be lent (the
+ * prompt's KV cache copied into each), one a step otherwise; the scores
+ * equal the oracle's either way. */
+static void test_classify_batched(void) {
+    static const char *cands = "left lung,right lung,both lungs,neither side";
+    for (int slots = 5; slots >= 1; slots -= 4) {
+        mm_model *m = s_load(slots);
+        mm_sched *s = s_sched(m, 0, 0, 0);
+        tctx ctx = {.sch = s};
+        spec sp = {"hospital-a", g_questions[1], 0, 0, 0, 0, cands};
+        tcase t = {.ctx = &ctx};
+        mm_sched_request r;
+        char err[512];
+        s_fill_request(&sp, &t, &r);
+        CHECK(mm_sched_submit(s, &r, &t.id, err, sizeof err) == MM_OK);
+        s_run_all(s, 50);
+        json_t *ref = s_reference(m, &sp);
+        s_compare("classify batched", slots, &t, ref);
+        json_decref(ref);
+        /* steps: the prompt, then 1 (lent slots) or 4 (one candidate each) */
+        json_int_t steps = json_integer_value(json_object_get(t.result, "steps"));
+        CHECKF(steps == (slots == 5 ? 2 : 5), "%d slot(s): %lld steps", slots, (long long)steps);
+        s_tcase_clear(&t);
+        mm_sched_destroy(&s);
+        mm_model_destroy(&m);
+    }
+}
+
 /* A short prompt admitted while a long one is being prefilled goes first:
  * its first token comes from the very next step, not after the long
  * prompt (prefill_chunk is the budget of all prompts together). */
@@ -877,6 +905,7 @@ int main(int argc, char **argv) {
         test_forward_failure();
         test_threads();
         test_short_first();
+        test_classify_batched();
     }
     for (int i = 0; i < 3; i++)
         free(g_img[i].data);
