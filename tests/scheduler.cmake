@@ -22,3 +22,15 @@ foreach(name stablelm-f32 phi-f32 stablelm-f32-residual stablelm-f32-top2)
                        # threads make each tiny step 10x slower
                        ENVIRONMENT "OMP_NUM_THREADS=1;OPENBLAS_NUM_THREADS=1")
 endforeach()
+
+# The same on vulkan (lavapipe here): the vision tower runs on the engine
+# thread there, and candidate scoring copies KV caches between slots on the
+# device.
+if(MEDMOE_VULKAN)
+  add_test(NAME scheduler_stablelm-f32_vulkan
+           COMMAND test_scheduler ${MM_TEST_DATA}/tiny-stablelm-f32 ${MM_TEST_DATA}/images)
+  set_tests_properties(scheduler_stablelm-f32_vulkan PROPERTIES
+                       FIXTURES_REQUIRED "tiny_stablelm-f32;tiny_images"
+                       LABELS "model;scheduler;vulkan" TIMEOUT 600
+                       ENVIRONMENT "MM_TEST_BACKEND=vulkan;OMP_NUM_THREADS=1;OPENBLAS_NUM_THREADS=1")
+endif()

@@ -887,7 +887,8 @@ int main(int argc, char **argv) {
         }
         g_img[i].media = media[i];
     }
-    if (mm_backend_new("cpu", &g_be, err, sizeof err) != MM_OK ||
+    const char *backend = getenv("MM_TEST_BACKEND"); /* default cpu; vulkan: lavapipe run */
+    if (mm_backend_new(backend ? backend : "cpu", &g_be, err, sizeof err) != MM_OK ||
         mm_tokenizer_load(g_ckpt, &g_tok, err, sizeof err) != MM_OK) {
         fprintf(stderr, "setup: %s\n", err);
         return 2;
