@@ -283,6 +283,7 @@ class Cluster:
             "router": {"experts_bind": "tcp://127.0.0.1:*", "grpc_listen": "127.0.0.1:0",
                        "tenants": os.path.join(work, "tenants.json"), "heartbeat_ms": a.heartbeat_ms,
                        "expert_wait_ms": 60000, "args": ["--slots", str(a.slots_used),
+                                                         "--context", str(a.context_used),
                                                          "--max-tokens-limit", str(max(512, a.max_tokens))]},
             "experts": {"count": 4, "replicas": 1, "args": []},
         }
@@ -476,6 +477,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--slots", type=int, default=0,
                     help="router --slots (0 = auto: what MemAvailable leaves after the weights, <= max concurrency)")
+    ap.add_argument("--context", type=int, default=1024,
+                    help="router --context: positions per KV-cache slot (0 = the model's max_pos)")
     ap.add_argument("--threads", type=int, default=2, help="MEDMOE_THREADS of every cluster process")
     ap.add_argument("--run-threads", type=int, default=2, help="MEDMOE_THREADS of the medmoe-run baseline")
     ap.add_argument("--run-reps", type=int, default=1, help="medmoe-run repetitions (median shown)")
@@ -541,6 +544,10 @@ def main():
     with open(image, "rb") as f:
         png = f.read()
     sh = model_shape(model)
+    # positions per router slot: the prompt (image + text) and the answer fit
+    # in 1024 at the real size; the KV cache is sized for it (router --context)
+    a.context_used = min(sh["max_pos"], a.context if a.context > 0 else sh["max_pos"])
+    sh["kv_slot_bytes"] = sh["kv_slot_bytes"] * a.context_used // sh["max_pos"]
     wbytes = dir_bytes(model)
     sizes = [int(x) for x in a.concurrency.split(",") if x.strip()]
     if a.slots <= 0:
@@ -560,8 +567,8 @@ def main():
         "other one), vocab %s, max_pos %d; CLIP width %d, %d layers, %d px / patch %d; %s of safetensors"
         % (model, sh["dtype"], sh["hidden"], sh["inter"], sh["layers"], sh["vocab"], sh["max_pos"],
            sh["clip_hidden"], sh["clip_layers"], sh["image"], sh["patch"], gib(wbytes)))
-    say("KV cache per router slot: %d layers x %d positions x %d x 2 x f32 = %s; --slots %d (%s) = %s"
-        % (sh["layers"], sh["max_pos"], sh["kv_width"], gib(sh["kv_slot_bytes"]), a.slots_used, slots_note,
+    say("KV cache per router slot: %d layers x %d positions (--context) x %d x 2 x f32 = %s; --slots %d (%s) = %s"
+        % (sh["layers"], a.context_used, sh["kv_width"], gib(sh["kv_slot_bytes"]), a.slots_used, slots_note,
            gib(sh["kv_slot_bytes"] * a.slots_used)))
 
     # 1. the baseline
