@@ -104,8 +104,11 @@ int sched_preprocess(mm_sched *s, s_case *c, char *err, size_t errlen) {
     double t0 = mm_now_ms();
     mm_image *img = NULL;
     char sub[768];
-    int rc = mm_image_decode(c->bytes, c->nbytes, c->media_type[0] ? c->media_type : NULL,
-                             c->max_pixels, &img, sub, sizeof sub);
+    /* jpeg_downscale: libjpeg's DCT scaling for large JPEGs (image.h says
+     * how far that moves the pixels from Pillow's full decode) */
+    int rc =
+        mm_image_decode_for(c->bytes, c->nbytes, c->media_type[0] ? c->media_type : NULL,
+                            c->max_pixels, s->o.jpeg_downscale ? s->S : 0, &img, sub, sizeof sub);
     if (rc == MM_OK) {
         mm_image_params ip;
         mm_image_params_default(&ip, s->S);

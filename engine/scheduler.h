@@ -91,6 +91,12 @@ typedef struct mm_sched_options {
                                      (default 64 Mi = 256 MiB of RGBA-sized buffers);
                                      an image larger than the budget alone runs when
                                      nothing else is in the stage                      */
+    int jpeg_downscale;           /* 1: decode large JPEGs at 1/2, 1/4 or 1/8 size
+                                     in libjpeg (short side kept >= 2x the tower's
+                                     336): much less time and memory for a
+                                     4000 x 3000 photo, pixels within a few 8-bit
+                                     steps of Pillow's full decode. Default 0: the
+                                     exact pipeline of the numerical contract     */
     double debug_vision_delay_ms; /* tests: sleep this long in each vision
                                      encode (default 0)                         */
 } mm_sched_options;

@@ -108,6 +108,8 @@ static void usage(FILE *f) {
             "                          (default 1); a slow image delays only its own case\n"
             "  --pixel-budget N        decoded source pixels in the image stage at once\n"
             "                          (default 67108864)\n"
+            "  --jpeg-downscale        decode large JPEGs at 1/2..1/8 size in libjpeg (faster,\n"
+            "                          less memory; pixels no longer equal Pillow's exactly)\n"
             "  --debug-vision-delay-ms MS  tests: every vision encode sleeps MS first\n"
             "  -h, --help              this text\n");
 }
@@ -125,7 +127,7 @@ typedef struct router_args {
     int audit_fsync, slots, context, max_image_bytes, max_question_bytes, max_tokens_default;
     int max_tokens_limit, grpc_max_message;
     /* engine */
-    int image_workers, pixel_budget, debug_vision_delay_ms;
+    int image_workers, pixel_budget, debug_vision_delay_ms, jpeg_downscale;
     /* observability */
     const char *metrics_listen, *metrics_port_file;
     mm_log_format log_format;
@@ -154,7 +156,8 @@ enum {
     O_LOG_LEVEL,
     O_IMAGE_WORKERS,
     O_PIXEL_BUDGET,
-    O_DEBUG_VISION_DELAY
+    O_DEBUG_VISION_DELAY,
+    O_JPEG_DOWNSCALE
 };
 
 static int parse_args(int argc, char **argv, router_args *a) {
@@ -196,6 +199,7 @@ static int parse_args(int argc, char **argv, router_args *a) {
         {"image-workers", required_argument, 0, O_IMAGE_WORKERS},
         {"pixel-budget", required_argument, 0, O_PIXEL_BUDGET},
         {"debug-vision-delay-ms", required_argument, 0, O_DEBUG_VISION_DELAY},
+        {"jpeg-downscale", no_argument, 0, O_JPEG_DOWNSCALE},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     memset(a, 0, sizeof *a);
@@ -290,6 +294,7 @@ static int parse_args(int argc, char **argv, router_args *a) {
         case O_PIXEL_BUDGET:
             rc = mm_arg_int("medmoe-router", "--pixel-budget", optarg, 1, &a->pixel_budget);
             break;
+        case O_JPEG_DOWNSCALE: a->jpeg_downscale = 1; break;
         case O_DEBUG_VISION_DELAY:
             rc = mm_arg_int("medmoe-router", "--debug-vision-delay-ms", optarg, 0,
                             &a->debug_vision_delay_ms);
@@ -373,6 +378,7 @@ static void s_options(const router_args *a, mm_router_options *o) {
     o->image_workers = a->image_workers;
     o->pixel_budget = (size_t)a->pixel_budget;
     o->debug_vision_delay_ms = a->debug_vision_delay_ms;
+    o->jpeg_downscale = a->jpeg_downscale;
     o->metrics_listen = a->metrics_listen;
     o->metrics_port_file = a->metrics_port_file;
     o->log_format = a->log_format;

@@ -660,6 +660,7 @@ static int s_start_engine(mm_router *r, char *err, size_t errlen) {
     if (r->o.pixel_budget)
         so.pixel_budget = r->o.pixel_budget;
     so.debug_vision_delay_ms = r->o.debug_vision_delay_ms;
+    so.jpeg_downscale = r->o.jpeg_downscale;
     if ((rc = mm_sched_new(r->m, r->tok, &so, &r->sched, err, errlen)) != MM_OK)
         return rc;
     if ((rc = mm_sched_start(r->sched, err, errlen)) != MM_OK)

@@ -77,6 +77,7 @@ typedef struct mm_router_options {
     int image_workers;            /* image threads (default 1)                       */
     size_t pixel_budget;          /* decoded pixels in the image stage; 0: the
                                      scheduler's default                            */
+    int jpeg_downscale;           /* see mm_sched_options (default 0)                */
     double debug_vision_delay_ms; /* tests: sleep this long in each vision encode    */
     /* observability */
     const char *metrics_listen;    /* HOST:PORT for /metrics and /healthz; NULL: none */

@@ -663,6 +663,33 @@ static void test_forward_failure(void) {
     mm_model_destroy(&m);
 }
 
+/* jpeg_downscale leaves a JPEG smaller than 2 x 336 on its short side as it
+ * is (the scaling itself is tested in test_image): same answer as the
+ * oracle's full decode. */
+static void test_jpeg_downscale_small(void) {
+    mm_model *m = s_load(1);
+    mm_sched_options o;
+    mm_sched_options_default(&o);
+    o.image_workers = 0;
+    o.jpeg_downscale = 1;
+    mm_sched *s = NULL;
+    char err[512];
+    CHECKF(mm_sched_new(m, g_tok, &o, &s, err, sizeof err) == MM_OK, "new: %s", err);
+    tctx ctx = {.sch = s};
+    spec sp = {"hospital-a", g_questions[0], 1 /* case.jpg */, 4, 0, 0, NULL};
+    tcase t = {.ctx = &ctx};
+    mm_sched_request r;
+    s_fill_request(&sp, &t, &r);
+    CHECK(mm_sched_submit(s, &r, &t.id, err, sizeof err) == MM_OK);
+    s_run_all(s, 50);
+    json_t *ref = s_reference(m, &sp);
+    s_compare("jpeg downscale", 0, &t, ref);
+    json_decref(ref);
+    s_tcase_clear(&t);
+    mm_sched_destroy(&s);
+    mm_model_destroy(&m);
+}
+
 /* Candidates are scored in one step when idle slots can be lent (the
  * prompt's KV cache copied into each), one a step otherwise; the scores
  * equal the oracle's either way. */
@@ -907,6 +934,7 @@ int main(int argc, char **argv) {
         test_threads();
         test_short_first();
         test_classify_batched();
+        test_jpeg_downscale_small();
     }
     for (int i = 0; i < 3; i++)
         free(g_img[i].data);
