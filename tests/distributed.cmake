@@ -50,6 +50,23 @@ if(TARGET medmoe-router AND TARGET medmoe-expert AND TARGET medmoe-run)
                          FIXTURES_REQUIRED "tiny_${ckpt};tiny_images"
                          TIMEOUT ${timeout} LABELS "distributed")
   endforeach()
+
+  # The engine thread busy outside any MoE layer for 10 heartbeat intervals (on vulkan the
+  # vision tower runs in the step; --debug-vision-delay-ms): no expert hears silence, none
+  # reconnects or is dropped, the answer equals medmoe-run's. Exit 77 without a Vulkan device.
+  # Driver: tests/distributed/dist_busy_engine.py
+  if(MEDMOE_VULKAN)
+    add_test(NAME dist_busy_engine
+             COMMAND ${MM_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/distributed/dist_busy_engine.py
+                     --router $<TARGET_FILE:medmoe-router> --expert $<TARGET_FILE:medmoe-expert>
+                     --run $<TARGET_FILE:medmoe-run> --backend vulkan
+                     --model ${MM_TEST_DATA}/tiny-stablelm-f32
+                     --image ${MM_TEST_DATA}/images/case.png
+                     --workdir ${MM_TEST_DATA}/dist/busy_engine)
+    set_tests_properties(dist_busy_engine PROPERTIES
+                         FIXTURES_REQUIRED "tiny_stablelm-f32;tiny_images"
+                         SKIP_RETURN_CODE 77 TIMEOUT 120 LABELS "distributed;vulkan")
+  endif()
 endif()
 
 # The dispatch thread against fake experts in one process (real ZeroMQ on loopback): a busy
