@@ -21,6 +21,10 @@ typedef enum { R_DECODE, R_PREFILL, R_CLASSIFY } s_row_kind;
 /* Wanted logits rows per step beyond one per slot: candidate scoring. */
 #define S_CLASSIFY_ROWS 64
 
+/* A failed step's cases are re-run one by one within this many ms in all
+ * (scheduler.c, s_isolate). */
+#define S_ISOLATE_MS 2000.0
+
 typedef struct s_case {
     uint64_t id;
     struct s_case *next; /* tenant FIFO link (image stage or ready) */

@@ -620,6 +620,10 @@ static int s_forward(mm_sched *s, size_t i0, size_t i1, size_t n, size_t w0, dou
  * rows are dropped from the step (row_case NULL). */
 static void s_isolate(mm_sched *s, size_t n, int rc0, const char *err0) {
     int32_t *tmp = malloc((s->L * s->K * n + 1) * sizeof *tmp);
+    /* All the re-runs share one deadline: an expert that is really gone
+     * would otherwise cost every case of the step a full wait for a
+     * replica, one after the other, while the others' decoding stalls. */
+    double budget_end = mm_now_ms() + S_ISOLATE_MS;
     size_t w = 0;
     for (size_t i0 = 0; i0 < n;) {
         s_case *c = s->row_case[i0];
@@ -627,10 +631,16 @@ static void s_isolate(mm_sched *s, size_t n, int rc0, const char *err0) {
         while (i1 < n && s->row_case[i1] == c)
             nw += s->row_want[i1++];
         char err[1024] = "";
-        int rc = tmp ? s_forward(s, i0, i1, n, w, c->deadline, tmp, err, sizeof err) : rc0;
+        double dl = c->deadline > 0 && c->deadline < budget_end ? c->deadline : budget_end;
+        int rc = rc0, late = mm_now_ms() >= budget_end;
+        if (tmp && !late)
+            rc = s_forward(s, i0, i1, n, w, dl, tmp, err, sizeof err);
         if (rc != MM_OK) {
             c->fail_rc = rc;
-            snprintf(c->fail_msg, sizeof c->fail_msg, "%s", tmp ? err : err0);
+            /* a re-run cut short by the shared deadline reports the step's
+             * own error (the expert that failed), not "deadline" */
+            snprintf(c->fail_msg, sizeof c->fail_msg, "%s",
+                     tmp && !late && mm_now_ms() < budget_end ? err : err0);
             for (size_t i = i0; i < i1; i++)
                 s->row_case[i] = NULL;
         }

@@ -587,7 +587,9 @@ static void test_bad_requests(void) {
 /* ---- re-entrancy and a failing forward step ------------------------------------------ */
 
 typedef struct fail_runner {
-    int fail;
+    int fail;        /* every layer fails                         */
+    int fail_expert; /* only layers with a job for this expert (-1: none) */
+    int fail_once;   /* the next layer fails, then this is cleared          */
 } fail_runner;
 
 static int s_fail_start(void *ctx, mm_model *m, mm_expert_job *jobs, size_t n, char *err,
@@ -596,6 +598,15 @@ static int s_fail_start(void *ctx, mm_model *m, mm_expert_job *jobs, size_t n, c
     if (f->fail)
         return mm_errorf(err, errlen, MM_ETIMEOUT, "expert %d of layer %d: no live replica",
                          n ? jobs[0].expert : -1, n ? jobs[0].layer : -1);
+    if (f->fail_once) {
+        f->fail_once = 0;
+        return mm_errorf(err, errlen, MM_ETIMEOUT, "expert %d of layer %d: replica lost",
+                         n ? jobs[0].expert : -1, n ? jobs[0].layer : -1);
+    }
+    for (size_t i = 0; i < n; i++)
+        if (jobs[i].expert == f->fail_expert)
+            return mm_errorf(err, errlen, MM_ETIMEOUT, "expert %d of layer %d: no live replica",
+                             jobs[i].expert, jobs[i].layer);
     for (size_t i = 0; i < n; i++) {
         int rc = mm_model_expert_forward(m, jobs[i].moe, jobs[i].expert, jobs[i].x, jobs[i].y, err,
                                          errlen);
@@ -625,6 +636,7 @@ static void test_forward_failure(void) {
     spec sp = {.tenant = "a", .question = "Which organ is shown?", .image = 1, .max_tokens = 8};
     mm_sched_request r;
     fail_runner fr = {0};
+    fr.fail_expert = -1;
     mm_expert_runner runner = {&fr, s_fail_start, s_fail_finish};
     mm_model_set_expert_runner(m, &runner);
     for (int i = 0; i < 2; i++) {
@@ -753,6 +765,52 @@ static void test_short_first(void) {
     json_decref(ref);
     s_tcase_clear(&lg);
     s_tcase_clear(&sh);
+    mm_sched_destroy(&s);
+    mm_model_destroy(&m);
+}
+
+/* A step that fails once (a transient expert failure in a batch of several
+ * cases) is re-run case by case: nobody fails, every answer is exact. */
+static void test_step_retry(void) {
+    enum { N = 6 };
+    mm_model *m = s_load(N);
+    if (!mm_model_config(m)->moe_enable) {
+        mm_model_destroy(&m);
+        return;
+    }
+    mm_sched *s = s_sched(m, 0, 0, 0);
+    tctx ctx = {.sch = s};
+    fail_runner fr = {.fail = 0, .fail_expert = -1};
+    mm_expert_runner runner = {&fr, s_fail_start, s_fail_finish};
+    mm_model_set_expert_runner(m, &runner);
+    spec sp[N];
+    tcase t[N];
+    memset(t, 0, sizeof t);
+    char err[512];
+    for (int i = 0; i < N; i++) {
+        sp[i] = (spec){i % 2 ? "hospital-a" : "hospital-b",
+                       g_questions[i % 8],
+                       i % 3 == 0 ? 0 : -1,
+                       6,
+                       0,
+                       0,
+                       NULL};
+        mm_sched_request r;
+        t[i].ctx = &ctx;
+        s_fill_request(&sp[i], &t[i], &r);
+        CHECK(mm_sched_submit(s, &r, &t[i].id, err, sizeof err) == MM_OK);
+    }
+    CHECK(mm_sched_step(s, err, sizeof err) == MM_OK); /* the prompts */
+    fr.fail_once = 1; /* the next step's first MoE layer fails, with all N cases in it */
+    s_run_all(s, 200);
+    CHECK(fr.fail_once == 0);
+    mm_model_set_expert_runner(m, NULL);
+    for (int i = 0; i < N; i++) {
+        json_t *ref = s_reference(m, &sp[i]);
+        s_compare("step retry", i, &t[i], ref);
+        json_decref(ref);
+        s_tcase_clear(&t[i]);
+    }
     mm_sched_destroy(&s);
     mm_model_destroy(&m);
 }
@@ -935,6 +993,7 @@ int main(int argc, char **argv) {
         test_short_first();
         test_classify_batched();
         test_jpeg_downscale_small();
+        test_step_retry();
     }
     for (int i = 0; i < 3; i++)
         free(g_img[i].data);
