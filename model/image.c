@@ -1,5 +1,10 @@
 /* image.c — PNG/JPEG decoding (libpng, libjpeg-turbo) and CLIP preprocessing
- * that reproduces Pillow + HF CLIPImageProcessor bit for bit. See image.h. */
+ * that reproduces Pillow + HF CLIPImageProcessor bit for bit. See image.h.
+ *
+ * Why one file of ~960 lines: about a third is the libpng/libjpeg glue
+ * (error longjmps, header probes), the rest is Pillow's resample with the
+ * virtual pad; the limits (sides, pixels, file size) are checked the same
+ * way on every path, which is easiest to see with the paths side by side. */
 #include "image.h"
 
 #include "status.h"

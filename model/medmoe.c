@@ -5,6 +5,10 @@
  * head. The math is in the order docs/MODEL.md states it; each op is one
  * call of the op interface (kernels.h), so a reader sees the whole layer
  * here.
+ *
+ * Why one file of ~1250 lines: it is the model, meant to be read in one
+ * sitting from weights to logits; split by layer, one computation would be
+ * spread over files that share every struct above.
  */
 #include "medmoe.h"
 

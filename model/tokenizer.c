@@ -5,6 +5,10 @@
  * Everything works on raw bytes: the byte-level "unicode" spelling of
  * tokenizer.json is turned into bytes while loading (the map is a bijection),
  * so a piece of text is BPE-merged as a sequence of byte spans.
+ *
+ * Why one file of ~1400 lines: loading, encoding and both decoders work on
+ * one vocabulary/merge table and its byte spelling; a split would export
+ * those internals to several files for no reader's gain.
  */
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include "tokenizer.h"
