@@ -8,7 +8,7 @@
  *
  * Why one file of ~1250 lines: it is the model, meant to be read in one
  * sitting from weights to logits; split by layer, one computation would be
- * spread over files that share every struct above.
+ * spread over files that would all need the weight structs below.
  */
 #include "medmoe.h"
 
