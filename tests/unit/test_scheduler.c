@@ -750,12 +750,15 @@ static void test_short_first(void) {
     CHECK(mm_sched_step(s, err, sizeof err) == MM_OK); /* 160 rows of the long prompt */
     s_fill_request(&sp_short, &sh, &r);
     CHECK(mm_sched_submit(s, &r, &sh.id, err, sizeof err) == MM_OK);
-    int k = 0;
-    while (sh.n_tok_cb == 0 && k < 10) {
-        CHECK(mm_sched_step(s, err, sizeof err) == MM_OK);
-        k++;
-    }
-    CHECKF(sh.n_tok_cb == 1 && k <= 2, "short case's first token after %d shared step(s)", k);
+    /* step 2: the long prompt has fewer rows left (85 < ~130): it goes
+     * first and finishes; the short one gets the rest of the 160 rows
+     * (per-case chunks would have run both whole; shortest-first broken
+     * would give the short one its token here) */
+    CHECK(mm_sched_step(s, err, sizeof err) == MM_OK);
+    CHECKF(lg.n_tok_cb == 1 && sh.n_tok_cb == 0, "after step 2: long %d token(s), short %d",
+           lg.n_tok_cb, sh.n_tok_cb);
+    CHECK(mm_sched_step(s, err, sizeof err) == MM_OK); /* step 3: the short's rest */
+    CHECKF(sh.n_tok_cb == 1, "after step 3: short %d token(s)", sh.n_tok_cb);
     s_run_all(s, 400);
     json_t *ref = s_reference(m, &sp_long);
     s_compare("short-first long", 0, &lg, ref);
