@@ -10,7 +10,8 @@ APT_PACKAGES = build-essential cmake pkg-config glslc libvulkan-dev mesa-vulkan-
   libgrpc-dev libprotobuf-c-dev protobuf-c-compiler libzmq3-dev \
   libpcre2-dev python3-torch python3-numpy python3-pil python3-regex \
   python3-grpcio python3-grpc-tools python3-pydicom python3-zmq \
-  openssl nodejs libmicrohttpd-dev python3-yaml iproute2
+  openssl nodejs libmicrohttpd-dev python3-yaml iproute2 \
+  clang libclang-rt-14-dev libomp-dev
 
 .PHONY: deps build test bench demo asan clean format
 

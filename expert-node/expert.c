@@ -251,28 +251,15 @@ static void s_job_free(s_job *j) {
 /* Check every field of a Work before it is queued. 0: fine, else the
  * ErrorCode to answer with (text says why). */
 static int s_validate(mm_expert *e, const mm_wire_msg *msg, char *text, size_t len) {
-    const Medmoe__Wire__Work *w = msg->env->work;
     const mm_config *c = e->cfg;
-    size_t H = (size_t)c->hidden_size, want = 0;
-    if (w->moe < 0 || w->moe >= c->n_moe_layers || w->layer != c->moe_layers_idx[w->moe]) {
-        snprintf(text, len, "MoE layer %d / decoder layer %d do not exist or disagree", w->moe,
-                 w->layer);
-        return MEDMOE__WIRE__ERROR_CODE__ERROR_BAD_REQUEST;
-    }
-    if (w->expert != e->o.expert) {
-        snprintf(text, len, "expert %d asked, this node hosts expert %d", w->expert, e->o.expert);
-        return MEDMOE__WIRE__ERROR_CODE__ERROR_EXPERT_NOT_LOADED;
-    }
-    if (w->rows < 1 || w->width != H || w->dtype != MEDMOE__WIRE__DTYPE__DTYPE_F32 ||
-        !mm_size_mul(w->rows, H * sizeof(float), &want) || msg->tensor_len != want) {
-        snprintf(text, len, "bad batch: rows %u width %u (hidden %zu) dtype %d, tensor %zu bytes",
-                 w->rows, w->width, H, (int)w->dtype, msg->tensor_len);
-        return MEDMOE__WIRE__ERROR_CODE__ERROR_BAD_REQUEST;
-    }
-    if (e->o.capacity && w->rows > (unsigned)e->o.capacity) {
-        snprintf(text, len, "%u rows, capacity %d", w->rows, e->o.capacity);
-        return MEDMOE__WIRE__ERROR_CODE__ERROR_BUSY;
-    }
+    mm_wire_work_rules rules = {.n_moe_layers = c->n_moe_layers,
+                                .moe_layers_idx = c->moe_layers_idx,
+                                .hidden = (size_t)c->hidden_size,
+                                .expert = e->o.expert,
+                                .capacity = e->o.capacity};
+    int code = mm_wire_check_work(msg->env->work, msg->tensor_len, &rules, text, len);
+    if (code)
+        return code;
     if (*e->stop) {
         snprintf(text, len, "shutting down");
         return MEDMOE__WIRE__ERROR_CODE__ERROR_DRAINING;

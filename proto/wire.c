@@ -228,6 +228,63 @@ const char *mm_wire_error_str(int code) {
     }
 }
 
+/* ---- checks of received messages ------------------------------------------- */
+
+int mm_wire_check_work(const Medmoe__Wire__Work *w, size_t tensor_len,
+                       const mm_wire_work_rules *rules, char *text, size_t len) {
+    size_t H = rules->hidden, want = 0;
+    if (w->moe < 0 || w->moe >= rules->n_moe_layers || w->layer != rules->moe_layers_idx[w->moe]) {
+        snprintf(text, len, "MoE layer %d / decoder layer %d do not exist or disagree", w->moe,
+                 w->layer);
+        return MEDMOE__WIRE__ERROR_CODE__ERROR_BAD_REQUEST;
+    }
+    if (w->expert != rules->expert) {
+        snprintf(text, len, "expert %d asked, this node hosts expert %d", w->expert, rules->expert);
+        return MEDMOE__WIRE__ERROR_CODE__ERROR_EXPERT_NOT_LOADED;
+    }
+    if (w->rows < 1 || w->width != H || w->dtype != MEDMOE__WIRE__DTYPE__DTYPE_F32 ||
+        !mm_size_mul(w->rows, H * sizeof(float), &want) || tensor_len != want) {
+        snprintf(text, len, "bad batch: rows %u width %u (hidden %zu) dtype %d, tensor %zu bytes",
+                 w->rows, w->width, H, (int)w->dtype, tensor_len);
+        return MEDMOE__WIRE__ERROR_CODE__ERROR_BAD_REQUEST;
+    }
+    if (rules->capacity > 0 && w->rows > (unsigned)rules->capacity) {
+        snprintf(text, len, "%u rows, capacity %d", w->rows, rules->capacity);
+        return MEDMOE__WIRE__ERROR_CODE__ERROR_BUSY;
+    }
+    return MEDMOE__WIRE__ERROR_CODE__ERROR_OK;
+}
+
+int mm_wire_check_hello(const Medmoe__Wire__Hello *h, int n_experts, const char *fps,
+                        size_t fp_stride, char *reason, size_t len) {
+    if (h->version != MM_WIRE_VERSION)
+        return mm_errorf(reason, len, MM_EPROTO, "protocol version %u, this router speaks %u",
+                         h->version, MM_WIRE_VERSION);
+    if (h->expert < 0 || h->expert >= n_experts)
+        return mm_errorf(reason, len, MM_EPROTO,
+                         "expert %d does not exist (the model has %d experts)", h->expert,
+                         n_experts);
+    const char *fp = h->fingerprint ? h->fingerprint : "";
+    const char *want = fps + (size_t)h->expert * fp_stride;
+    if (strcmp(fp, want) != 0)
+        return mm_errorf(reason, len, MM_EPROTO,
+                         "model fingerprint mismatch for expert %d: router has %.16s..., expert "
+                         "sent %.16s... (another checkpoint or fingerprint mode)",
+                         h->expert, want, *fp ? fp : "(none)");
+    return MM_OK;
+}
+
+int mm_wire_result_fits(const Medmoe__Wire__Result *res, size_t tensor_len, int layer, int moe,
+                        int expert, size_t rows, size_t hidden) {
+    size_t want = 0;
+    if (!mm_size_mul(rows, hidden * sizeof(float), &want))
+        return 0;
+    return res->layer == layer && res->moe == moe && res->expert == expert && res->rows == rows &&
+           res->width == hidden &&
+           (res->error != MEDMOE__WIRE__ERROR_CODE__ERROR_OK ||
+            (res->dtype == MEDMOE__WIRE__DTYPE__DTYPE_F32 && tensor_len == want));
+}
+
 /* ---- key files ------------------------------------------------------------- */
 
 int mm_wire_read_keys(const char *path, char (*keys)[41], size_t max, size_t *n, char *err,

@@ -94,6 +94,42 @@ const char *mm_wire_id_str(const uint8_t *id, size_t idlen, char *buf, size_t le
 int mm_wire_read_keys(const char *path, char (*keys)[41], size_t max, size_t *n, char *err,
                       size_t errlen);
 
+/* ---- what each side checks of a message it received ----------------------
+ * Pure functions (no socket, no state), shared by the nodes and by the
+ * fuzz target tests/fuzz/fuzz_wire.c, which feeds them what mm_wire_recv
+ * accepts from hostile frames. */
+
+/* What an expert knows to check a Work against. */
+typedef struct mm_wire_work_rules {
+    int n_moe_layers;          /* MoE layers of the model                    */
+    const int *moe_layers_idx; /* [n_moe_layers] decoder layer of each one  */
+    size_t hidden;             /* hidden size: the width of every row        */
+    int expert;                /* the expert this node hosts                 */
+    int capacity;              /* rows per Work at most; 0 = no limit        */
+} mm_wire_work_rules;
+
+/* An expert's check of a received Work (tensor_len: its tensor frame's
+ * bytes): the MoE ordinal exists and names the decoder layer the Work says,
+ * the expert is the hosted one, rows >= 1, width == hidden, dtype F32, the
+ * tensor is exactly rows x hidden floats, rows within capacity. Returns 0
+ * (ERROR_OK) or the ErrorCode to answer with (BAD_REQUEST,
+ * EXPERT_NOT_LOADED, BUSY); text says why. */
+int mm_wire_check_work(const Medmoe__Wire__Work *w, size_t tensor_len,
+                       const mm_wire_work_rules *rules, char *text, size_t len);
+
+/* The router's check of a Hello: protocol version, expert index within
+ * 0..n_experts-1, and its fingerprint equal to the expected one of that
+ * expert (fps: n_experts NUL-terminated strings, fp_stride bytes apart).
+ * MM_OK, or MM_EPROTO with the reason to Refuse with in reason. */
+int mm_wire_check_hello(const Medmoe__Wire__Hello *h, int n_experts, const char *fps,
+                        size_t fp_stride, char *reason, size_t len);
+
+/* The router's check that a Result (tensor_len: its tensor frame's bytes,
+ * when error is ERROR_OK) answers a Work of rows x hidden it sent for
+ * (layer, moe, expert): 1 when it fits, 0 when it is malformed. */
+int mm_wire_result_fits(const Medmoe__Wire__Result *res, size_t tensor_len, int layer, int moe,
+                        int expert, size_t rows, size_t hidden);
+
 /* Name of an ErrorCode ("BUSY"). */
 const char *mm_wire_error_str(int code);
 

@@ -712,24 +712,8 @@ static void s_hello(mm_dispatch *d, const mm_wire_msg *m) {
     const Medmoe__Wire__Hello *h = m->env->hello;
     char reason[400];
     const char *node = h->node ? h->node : "";
-    if (h->version != MM_WIRE_VERSION) {
-        snprintf(reason, sizeof reason, "protocol version %u, this router speaks %u", h->version,
-                 MM_WIRE_VERSION);
-        s_refuse(d, m, node, h->expert, reason);
-        return;
-    }
-    if (h->expert < 0 || h->expert >= d->o.n_experts) {
-        snprintf(reason, sizeof reason, "expert %d does not exist (the model has %d experts)",
-                 h->expert, d->o.n_experts);
-        s_refuse(d, m, node, h->expert, reason);
-        return;
-    }
-    const char *fp = h->fingerprint ? h->fingerprint : "";
-    if (strcmp(fp, d->fp[h->expert]) != 0) {
-        snprintf(reason, sizeof reason,
-                 "model fingerprint mismatch for expert %d: router has %.16s..., expert sent "
-                 "%.16s... (another checkpoint or fingerprint mode)",
-                 h->expert, d->fp[h->expert], *fp ? fp : "(none)");
+    if (mm_wire_check_hello(h, d->o.n_experts, d->fp[0], sizeof d->fp[0], reason, sizeof reason) !=
+        MM_OK) {
         s_refuse(d, m, node, h->expert, reason);
         return;
     }
@@ -814,13 +798,8 @@ static const s_late *s_late_find(const mm_dispatch *d, uint64_t id, long ri) {
  * expert) as this router sent it. */
 static int s_result_fits(const mm_dispatch *d, const mm_wire_msg *m, int layer, int moe, int expert,
                          size_t n) {
-    const Medmoe__Wire__Result *res = m->env->result;
-    size_t want = 0;
-    mm_size_mul(n, (size_t)d->o.hidden * sizeof(float), &want);
-    return res->layer == layer && res->moe == moe && res->expert == expert && res->rows == n &&
-           res->width == (uint32_t)d->o.hidden &&
-           (res->error != MEDMOE__WIRE__ERROR_CODE__ERROR_OK ||
-            (res->dtype == MEDMOE__WIRE__DTYPE__DTYPE_F32 && m->tensor_len == want));
+    return mm_wire_result_fits(m->env->result, m->tensor_len, layer, moe, expert, n,
+                               (size_t)d->o.hidden);
 }
 
 /* The answer to replica ri's probe. */

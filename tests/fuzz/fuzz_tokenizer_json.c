@@ -1,0 +1,8 @@
+/* fuzz_tokenizer_json — tokenizer.json loading, encoding and decoding from
+ * hostile bytes (input layout in fuzz_tokenizer.h). */
+#include "fuzz_tokenizer.h"
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t len) {
+    s_fuzz_tokenizer("tokenizer.json", data, len);
+    return 0;
+}
