@@ -11,7 +11,8 @@ APT_PACKAGES = build-essential cmake pkg-config glslc libvulkan-dev mesa-vulkan-
   libpcre2-dev python3-torch python3-numpy python3-pil python3-regex \
   python3-grpcio python3-grpc-tools python3-pydicom python3-zmq \
   openssl nodejs libmicrohttpd-dev python3-yaml iproute2 \
-  clang libclang-rt-14-dev libomp-dev
+  clang libclang-rt-14-dev libomp-dev \
+  libcurl4-openssl-dev orthanc orthanc-dicomweb dcmtk
 
 .PHONY: deps build test bench demo asan clean format
 

@@ -178,6 +178,42 @@ int mm_fingerprint_expert(const char *config_path, const mm_checkpoint *ck, cons
     return rc;
 }
 
+int mm_fingerprint_model(const char *config_path, const mm_checkpoint *ck, unsigned flags,
+                         const char (*expert_fps)[MM_FINGERPRINT_HEX], int n_experts,
+                         char hex_out[MM_FINGERPRINT_HEX], char *err, size_t errlen) {
+    hex_out[0] = '\0';
+    if (n_experts < 0 || (n_experts > 0 && !expert_fps))
+        return mm_errorf(err, errlen, MM_EINVAL, "fingerprint: %d expert fingerprints", n_experts);
+    size_t total = mm_checkpoint_count(ck);
+    const char **names = malloc((total ? total : 1) * sizeof *names);
+    if (!names)
+        return mm_errorf(err, errlen, MM_ENOMEM, "fingerprint: out of memory");
+    size_t n = 0;
+    for (size_t i = 0; i < total; i++) {
+        const char *name = mm_checkpoint_at(ck, i)->name;
+        if (!strstr(name, ".mlp.deepspeed_moe.experts.deepspeed_experts."))
+            names[n++] = name;
+    }
+    char trunk[MM_FINGERPRINT_HEX];
+    int rc = mm_fingerprint_file(config_path, ck, names, n, flags, trunk, err, errlen);
+    free(names);
+    if (rc != MM_OK)
+        return rc;
+    mm_sha256 h;
+    if (mm_sha256_init(&h) != MM_OK)
+        return mm_errorf(err, errlen, MM_ENOMEM, "fingerprint: no SHA-256 context");
+    static const char magic[] = "medmoe-model-fingerprint-v1\n";
+    mm_sha256_update(&h, magic, sizeof magic - 1);
+    s_bytes(&h, trunk, strlen(trunk));
+    s_u64(&h, (uint64_t)n_experts);
+    for (int e = 0; e < n_experts; e++)
+        s_bytes(&h, expert_fps[e], strlen(expert_fps[e]));
+    uint8_t d[MM_SHA256_BYTES];
+    mm_sha256_final(&h, d);
+    mm_sha256_hex(d, hex_out);
+    return MM_OK;
+}
+
 int mm_fingerprint_mode_parse(const char *s, unsigned *flags) {
     if (!strcmp(s, "full"))
         *flags = 0;

@@ -64,4 +64,17 @@ int mm_fingerprint_expert(const char *config_path, const mm_checkpoint *ck, cons
                           int expert, unsigned flags, char hex_out[MM_FINGERPRINT_HEX], char *err,
                           size_t errlen);
 
+/* The whole model's fingerprint, what a client is told it was answered by
+ * (GetServerInfo.model_fingerprint, the PACS bridge's reports): SHA-256 of
+ *   "medmoe-model-fingerprint-v1\n"  trunk  n_experts  expert_fps[0..n)
+ * (hex strings, u64 little-endian lengths/counts as above), where trunk is the
+ * fingerprint of config_path + every tensor that belongs to no routed expert
+ * (embeddings, attention, dense MLPs, gates, meta expert, LM head, vision
+ * tower) and expert_fps are mm_fingerprint_expert's, which the router has
+ * already computed. So every byte is hashed once, and the same checkpoint gives
+ * the same value on every host. MM_OK or the errors of mm_fingerprint. */
+int mm_fingerprint_model(const char *config_path, const mm_checkpoint *ck, unsigned flags,
+                         const char (*expert_fps)[MM_FINGERPRINT_HEX], int n_experts,
+                         char hex_out[MM_FINGERPRINT_HEX], char *err, size_t errlen);
+
 #endif

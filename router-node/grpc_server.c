@@ -930,6 +930,7 @@ static void s_info_call(s_call *c) {
         ev[e].expert = (uint32_t)e;
         ev[e].name = (char *)(e < cfg->n_expert_names ? cfg->expert_names[e] : "");
         ev[e].live_replicas = (uint32_t)s_live(g, e);
+        ev[e].fingerprint = (char *)(g->o.expert_fingerprints ? g->o.expert_fingerprints[e] : "");
         ep[e] = &ev[e];
     }
     si.version = (char *)g->o.version;
@@ -939,6 +940,7 @@ static void s_info_call(s_call *c) {
     si.experts = ep;
     si.n_experts = (size_t)n;
     si.max_concurrent_cases = (uint32_t)mm_model_n_slots(g->o.model);
+    si.model_fingerprint = (char *)(g->o.model_fingerprint ? g->o.model_fingerprint : "");
     c->reply = s_pack(&si.base);
     free(ev);
     free(ep);

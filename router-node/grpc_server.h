@@ -49,6 +49,7 @@
 #include <stddef.h>
 
 #include "audit.h"
+#include "fingerprint.h"
 #include "log.h"
 #include "medmoe.h"
 #include "metrics.h"
@@ -58,23 +59,25 @@
 typedef struct mm_grpc_server mm_grpc_server;
 
 typedef struct mm_grpc_options {
-    const char *listen;        /* HOST:PORT; port 0 = ephemeral (see _port)        */
-    const char *tls_cert;      /* PEM server certificate chain file; NULL: plain   */
-    const char *tls_key;       /* PEM private key file (with tls_cert)             */
-    const char *tls_client_ca; /* PEM CA file: require and verify client certs     */
-    size_t max_image_bytes;    /* image.data at most (default 20 MiB)              */
-    size_t max_question_bytes; /* question at most (default 4096)                  */
-    int max_tokens_default;    /* options.max_tokens 0 means this (default 64)     */
-    int max_tokens_limit;      /* options.max_tokens at most (default 512)         */
-    size_t max_message;        /* gRPC receive limit, bytes (default 32 MiB)       */
-    size_t max_candidates;     /* ClassifyRequest.candidates at most (default 64)  */
-    mm_sched *sched;           /* borrowed, started; must outlive every call (see top) */
-    mm_tenants *tenants;       /* borrowed; quotas are taken and released here     */
-    mm_audit *audit;           /* borrowed; NULL: no audit log                     */
-    mm_model *model;           /* borrowed; GetServerInfo                          */
-    const char *version;       /* GetServerInfo.version                            */
-    int n_experts;             /* experts per MoE layer (GetServerInfo, health)    */
-    int eos_token;             /* the tokenizer's EOS id (finish_reason); -1: unknown */
+    const char *listen;            /* HOST:PORT; port 0 = ephemeral (see _port)        */
+    const char *tls_cert;          /* PEM server certificate chain file; NULL: plain   */
+    const char *tls_key;           /* PEM private key file (with tls_cert)             */
+    const char *tls_client_ca;     /* PEM CA file: require and verify client certs     */
+    size_t max_image_bytes;        /* image.data at most (default 20 MiB)              */
+    size_t max_question_bytes;     /* question at most (default 4096)                  */
+    int max_tokens_default;        /* options.max_tokens 0 means this (default 64)     */
+    int max_tokens_limit;          /* options.max_tokens at most (default 512)         */
+    size_t max_message;            /* gRPC receive limit, bytes (default 32 MiB)       */
+    size_t max_candidates;         /* ClassifyRequest.candidates at most (default 64)  */
+    mm_sched *sched;               /* borrowed, started; must outlive every call (see top) */
+    mm_tenants *tenants;           /* borrowed; quotas are taken and released here     */
+    mm_audit *audit;               /* borrowed; NULL: no audit log                     */
+    mm_model *model;               /* borrowed; GetServerInfo                          */
+    const char *version;           /* GetServerInfo.version                            */
+    int n_experts;                 /* experts per MoE layer (GetServerInfo, health)    */
+    const char *model_fingerprint; /* GetServerInfo.model_fingerprint; NULL: ""    */
+    const char (*expert_fingerprints)[MM_FINGERPRINT_HEX]; /* [n_experts]; NULL: "" */
+    int eos_token; /* the tokenizer's EOS id (finish_reason); -1: unknown */
     int (*live_replicas)(void *ctx, int expert); /* NULL: every expert local (1)  */
     void *live_ctx;
     int log_calls; /* 1 (default): one line per call on stderr         */

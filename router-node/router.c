@@ -65,18 +65,19 @@ typedef struct s_local {
 struct mm_router {
     mm_router_options o;
     mm_log *log;
-    mm_metrics *reg;                 /* NULL without metrics_listen                  */
-    mm_metrics_server *msrv;         /* serves reg                                    */
-    mm_router_case_metrics cm;       /* NULL handles without reg                      */
-    mm_tenants *tenants;             /* with grpc_listen                              */
-    mm_audit *audit;                 /* with audit_log                                */
-    mm_backend *be;                  /* compute backend                               */
-    mm_model *m;                     /* the trunk: everything but the routed experts  */
-    mm_tokenizer *tok;               /* the model's tokenizer                         */
-    int n_experts;                   /* experts per MoE layer (max over the layers)   */
-    char (*fps)[MM_FINGERPRINT_HEX]; /* [n_experts] expected expert fingerprints */
-    char (*allow)[41];               /* [S_MAX_ALLOW] allowed expert CURVE keys       */
-    const char **allow_ptr;          /* [S_MAX_ALLOW] pointers into allow             */
+    mm_metrics *reg;                   /* NULL without metrics_listen                  */
+    mm_metrics_server *msrv;           /* serves reg                                    */
+    mm_router_case_metrics cm;         /* NULL handles without reg                      */
+    mm_tenants *tenants;               /* with grpc_listen                              */
+    mm_audit *audit;                   /* with audit_log                                */
+    mm_backend *be;                    /* compute backend                               */
+    mm_model *m;                       /* the trunk: everything but the routed experts  */
+    mm_tokenizer *tok;                 /* the model's tokenizer                         */
+    int n_experts;                     /* experts per MoE layer (max over the layers)   */
+    char (*fps)[MM_FINGERPRINT_HEX];   /* [n_experts] expected expert fingerprints */
+    char model_fp[MM_FINGERPRINT_HEX]; /* the whole model's (GetServerInfo)      */
+    char (*allow)[41];                 /* [S_MAX_ALLOW] allowed expert CURVE keys       */
+    const char **allow_ptr;            /* [S_MAX_ALLOW] pointers into allow             */
     size_t n_allow;
     char secret[41]; /* this router's CURVE secret key (Z85)          */
     mm_dispatch *d;  /* the expert socket, its own thread             */
@@ -605,11 +606,15 @@ static int s_load_model(mm_router *r, char *err, size_t errlen) {
         if ((rc = mm_fingerprint_expert(cfg_path, mm_model_checkpoint(r->m), cfg, e, o->fp_flags,
                                         r->fps[e], err, errlen)) != MM_OK)
             return rc;
+    if ((rc = mm_fingerprint_model(cfg_path, mm_model_checkpoint(r->m), o->fp_flags,
+                                   (const char(*)[MM_FINGERPRINT_HEX])r->fps, r->n_experts,
+                                   r->model_fp, err, errlen)) != MM_OK)
+        return rc;
     mm_logf(r->log, MM_LOG_INFO, NULL,
-            "model %s loaded in %.0f ms (%s, backend %s); %d expert "
+            "model %s loaded in %.0f ms (%s, backend %s); model fingerprint %.16s..., %d expert "
             "fingerprints (%s) in %.0f ms",
-            o->model, t_fp - t0, mm_model_variant(r->m), mm_backend_describe(r->be), r->n_experts,
-            o->fp_flags ? "headers" : "full", mm_now_ms() - t_fp);
+            o->model, t_fp - t0, mm_model_variant(r->m), mm_backend_describe(r->be), r->model_fp,
+            r->n_experts, o->fp_flags ? "headers" : "full", mm_now_ms() - t_fp);
     return MM_OK;
 }
 
@@ -691,6 +696,8 @@ static int s_start_grpc(mm_router *r, char *err, size_t errlen) {
     go.model = r->m;
     go.version = o->version;
     go.n_experts = r->n_experts;
+    go.model_fingerprint = r->model_fp;
+    go.expert_fingerprints = (const char(*)[MM_FINGERPRINT_HEX])r->fps;
     go.eos_token = mm_tokenizer_eos_id(r->tok);
     go.live_replicas = s_live;
     go.live_ctx = r->d;
