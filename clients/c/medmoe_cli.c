@@ -489,21 +489,23 @@ static int s_status(mm_grpc_client *c, const s_args *a) {
     if (a->json) {
         json_t *ex = json_array();
         for (size_t i = 0; i < info->n_experts; i++)
-            json_array_append_new(ex, json_pack("{s:i, s:o, s:i}", "expert",
-                                                (json_int_t)info->experts[i]->expert, "name",
-                                                s_str(info->experts[i]->name), "live_replicas",
-                                                (json_int_t)info->experts[i]->live_replicas));
-        s_print_json(json_pack("{s:{s:o, s:o, s:o, s:o, s:o, s:i}, s:s, s:s}", "server_info",
-                               "version", s_str(info->version), "model", s_str(info->model),
-                               "backbone", s_str(info->backbone), "backend", s_str(info->backend),
-                               "experts", ex, "max_concurrent_cases",
-                               (json_int_t)info->max_concurrent_cases, "health", health[0],
-                               "health_case_service", health[1]));
+            json_array_append_new(ex,
+                                  json_pack("{s:i, s:o, s:i, s:o}", "expert",
+                                            (json_int_t)info->experts[i]->expert, "name",
+                                            s_str(info->experts[i]->name), "live_replicas",
+                                            (json_int_t)info->experts[i]->live_replicas,
+                                            "fingerprint", s_str(info->experts[i]->fingerprint)));
+        s_print_json(json_pack(
+            "{s:{s:o, s:o, s:o, s:o, s:o, s:i, s:o}, s:s, s:s}", "server_info", "version",
+            s_str(info->version), "model", s_str(info->model), "backbone", s_str(info->backbone),
+            "backend", s_str(info->backend), "experts", ex, "max_concurrent_cases",
+            (json_int_t)info->max_concurrent_cases, "model_fingerprint",
+            s_str(info->model_fingerprint), "health", health[0], "health_case_service", health[1]));
     } else {
-        printf("server:   %s\nversion:  %s\nmodel:    %s\nbackbone: %s\nbackend:  %s\n"
-               "max concurrent cases: %u\nhealth:   %s (medmoe.v1.CaseService: %s)\n",
-               a->server, info->version, info->model, info->backbone, info->backend,
-               info->max_concurrent_cases, health[0], health[1]);
+        printf("server:   %s\nversion:  %s\nmodel:    %s\nfingerprint: %s\nbackbone: %s\n"
+               "backend:  %s\nmax concurrent cases: %u\nhealth:   %s (medmoe.v1.CaseService: %s)\n",
+               a->server, info->version, info->model, info->model_fingerprint, info->backbone,
+               info->backend, info->max_concurrent_cases, health[0], health[1]);
         for (size_t i = 0; i < info->n_experts; i++)
             printf("expert %u%s%s: %u live replica%s\n", info->experts[i]->expert,
                    *info->experts[i]->name ? " " : "", info->experts[i]->name,

@@ -127,6 +127,10 @@ def check_server_info(info, ref, label):
     ex = sorted((int(e["expert"]), int(e["live_replicas"])) for e in info.get("experts", []))
     if ex != [(k, 1) for k in range(4)]:
         raise TestFailure("%s GetServerInfo: experts (expert, live_replicas) %s, want one replica of 0..3" % (label, ex))
+    fps = [info.get("model_fingerprint", "")] + [e.get("fingerprint", "") for e in info.get("experts", [])]
+    if not all(re.fullmatch(r"[0-9a-f]{64}", f) for f in fps) or len(set(fps)) != len(fps):
+        raise TestFailure("%s GetServerInfo: model and expert fingerprints %s, want 5 distinct SHA-256 hex"
+                          % (label, fps))
 
 
 def cluster_for_clients(a, name):

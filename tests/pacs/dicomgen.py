@@ -2,9 +2,11 @@
 """Synthetic DICOM studies for the PACS bridge tests and benchmark, made with pydicom from the
 demo cases (demo/cases/*.png, 64x64 RGB).
 
-Grey images (every channel equal) become MONOCHROME2, 8 bits; colour ones RGB, 8 bits,
-interleaved. No rescale and no window, so the router's display pipeline (the full range of
-8-bit pixels) gives back the PNG's pixels exactly and the demo model sees the same image.
+Grey images (every channel equal) become MONOCHROME2, 8 bits, with Window Center 128 /
+Width 256: the linear VOI function (PS3.3 C.11.2.1.2) maps x to ((x - 127.5) / 255 + 0.5) *
+255 = x, so a viewer (and the router's display pipeline) shows the PNG's pixels exactly,
+where no window would stretch min..max. Colour ones are RGB, 8 bits, interleaved, shown as
+they are. So the demo model sees the same image as from the PNG.
 
 Each study carries a made-up patient (name, ID, birth date) so that the tests can grep the
 bridge's logs for them: they must never appear there.
@@ -96,6 +98,9 @@ def make_instance(study_uid, series_uid, series_number, instance_number, modalit
     ds.PhotometricInterpretation = photometric
     if photometric == "RGB":
         ds.PlanarConfiguration = 0
+    else:
+        ds.WindowCenter = 128
+        ds.WindowWidth = 256
     ds.Rows, ds.Columns = px.shape[0], px.shape[1]
     ds.BitsAllocated = 8
     ds.BitsStored = 8
