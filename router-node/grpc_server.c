@@ -37,6 +37,7 @@
 #include "config.h"
 #include "health.pb-c.h"
 #include "medmoe.pb-c.h"
+#include "request_check.h"
 
 /* ---- call state ------------------------------------------------------------ */
 
@@ -123,9 +124,15 @@ typedef struct s_call {
     int has_slice;
     grpc_byte_buffer *reply;   /* unary: the response; stream: the final chunk */
     grpc_byte_buffer *sending; /* the message of the batch in flight            */
-    /* AskStream: answer pieces not yet sent */
+    /* AskStream: answer pieces not yet sent. The answer is stripped of
+     * leading and trailing whitespace (mm_case_strip); so that the pieces
+     * concatenate to it exactly (medmoe.proto), whitespace before the first
+     * other character is dropped and whitespace at the end of acc is held
+     * back (acc_hold bytes) until something else follows it. */
     char *acc;
     size_t acc_len, acc_cap;
+    size_t acc_hold; /* trailing whitespace bytes of acc, not sent yet   */
+    int acc_started; /* a non-whitespace byte of the answer has come     */
     int32_t *acc_tok;
     size_t acc_n, acc_tcap;
     /* for the audit record */
@@ -213,6 +220,15 @@ static json_t *s_experts_json(const s_call *c) {
     return js;
 }
 
+/* Whether an admitted case counts against its tenant's cases_per_minute:
+ * it was served (answered, or it held a slot until the client cancelled or
+ * its deadline passed). A case refused after admission (the image does not
+ * decode, no live expert, server busy or failing) gives its unit back. */
+static int s_served(grpc_status_code code) {
+    return code == GRPC_STATUS_OK || code == GRPC_STATUS_CANCELLED ||
+           code == GRPC_STATUS_DEADLINE_EXCEEDED;
+}
+
 /* The audit record and the log line: the one place a call ends. */
 static void s_call_free(s_call *c) {
     mm_grpc_server *g = c->g;
@@ -244,8 +260,11 @@ static void s_call_free(s_call *c) {
                 *tenant ? tenant : "-", cid ? cid : "-", s_code_name(c->code),
                 c->aborted && c->code != GRPC_STATUS_OK ? " (client gone)" : "", ms);
     }
-    if (c->admitted)
+    if (c->admitted) {
+        if (!s_served(c->code))
+            mm_tenants_refund(g->o.tenants, c->tenant);
         mm_tenants_release(g->o.tenants, c->tenant);
+    }
     if (c->prev)
         c->prev->next = c->next;
     else
@@ -315,18 +334,23 @@ static void s_flush(s_call *c) {
     size_t n = 0;
     grpc_byte_buffer *msg = NULL;
     int with_status = 0;
-    if (c->method == M_STREAM && (c->acc_len || c->acc_n) &&
+    if (c->method == M_STREAM && (c->acc_len > c->acc_hold || c->acc_n) &&
         (!c->status_set || c->code == GRPC_STATUS_OK)) {
         Medmoe__V1__AnswerChunk ch = MEDMOE__V1__ANSWER_CHUNK__INIT;
         c->acc = c->acc ? c->acc : calloc(1, 1);
         if (!c->acc)
             return;
-        c->acc[c->acc_len] = 0; /* acc_cap keeps a byte for this */
+        size_t send = c->acc_len - c->acc_hold;
+        char keep = c->acc[send];
+        c->acc[send] = 0; /* acc_cap keeps a byte for this */
         ch.text = c->acc;
         ch.tokens = c->acc_tok;
         ch.n_tokens = c->acc_n;
         msg = s_pack(&ch.base);
-        c->acc_len = c->acc_n = 0;
+        c->acc[send] = keep;
+        memmove(c->acc, c->acc + send, c->acc_hold); /* the held whitespace stays */
+        c->acc_len = c->acc_hold;
+        c->acc_n = 0;
     } else if (c->status_set) {
         if (c->code == GRPC_STATUS_OK && c->reply) {
             msg = c->reply;
@@ -546,6 +570,11 @@ static void s_on_done(void *user, uint64_t case_id, int status, const char *mess
     s_push(c->g, e);
 }
 
+/* mm_case_strip's whitespace: isspace() in the C locale. */
+static int s_is_space(char ch) {
+    return ch == ' ' || ch == '\t' || ch == '\n' || ch == '\v' || ch == '\f' || ch == '\r';
+}
+
 /* CQ thread: one token's timing and, for a stream, its text. */
 static void s_token(s_call *c, const s_event *e) {
     if (e->token >= 0) { /* pieces at the end come with -1, not a token */
@@ -557,7 +586,11 @@ static void s_token(s_call *c, const s_event *e) {
     }
     if (c->method != M_STREAM || c->aborted)
         return;
-    if (e->len) {
+    const char *piece = e->piece;
+    size_t len = e->len;
+    while (!c->acc_started && len && s_is_space(*piece)) /* the answer's leading strip */
+        piece++, len--;
+    if (len) {
         if (c->acc_len + e->len + 1 > c->acc_cap) {
             size_t cap = c->acc_cap ? c->acc_cap : 256;
             while (cap < c->acc_len + e->len + 1)
@@ -568,8 +601,15 @@ static void s_token(s_call *c, const s_event *e) {
             c->acc = nb;
             c->acc_cap = cap;
         }
-        memcpy(c->acc + c->acc_len, e->piece, e->len);
-        c->acc_len += e->len;
+        memcpy(c->acc + c->acc_len, piece, len);
+        c->acc_len += len;
+        c->acc_started = 1;
+        /* its trailing strip: hold back the whitespace at the end until
+         * something else follows (UTF-8 continuation bytes are never ASCII
+         * whitespace, so no character is split) */
+        c->acc_hold = 0;
+        while (c->acc_hold < c->acc_len && s_is_space(c->acc[c->acc_len - 1 - c->acc_hold]))
+            c->acc_hold++;
     }
     if (e->token >= 0) {
         if (c->acc_n == c->acc_tcap) {
@@ -649,7 +689,7 @@ static int s_drain(mm_grpc_server *g) {
         return 0;
     for (s_call *c = g->calls, *next; c; c = next) {
         next = c->next;
-        if (c->acc_len || c->acc_n)
+        if (c->acc_len > c->acc_hold || c->acc_n)
             s_flush(c);
         s_call_maybe_free(c);
     }
@@ -695,30 +735,12 @@ static int s_authenticate(s_call *c) {
     return 0;
 }
 
-static int s_utf8_ok(const char *s) {
-    const unsigned char *p = (const unsigned char *)s;
-    while (*p) {
-        unsigned c = *p++;
-        int n = c < 0x80 ? 0 : (c >> 5) == 6 ? 1 : (c >> 4) == 14 ? 2 : (c >> 3) == 30 ? 3 : -1;
-        if (n < 0 || (n == 1 && c < 0xc2))
-            return 0;
-        for (int i = 0; i < n; i++)
-            if ((*p++ & 0xc0) != 0x80)
-                return 0;
-    }
-    return 1;
-}
-
 /* Checks the front door does before the scheduler: sizes and shapes the
  * client can fix. Returns 0 or sets INVALID_ARGUMENT. */
 static int s_check_common(s_call *c, const char *case_id, const Medmoe__V1__Image *img,
                           const char *question) {
     const mm_grpc_options *o = &c->g->o;
-    if (case_id && strlen(case_id) > 256) {
-        s_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "case_id: %zu bytes, over the limit of 256",
-                 strlen(case_id));
-        return -1;
-    }
+    (void)case_id; /* its rules: mm_request_check_wire, before this */
     if (!question || !*question) {
         s_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "question: empty");
         return -1;
@@ -726,10 +748,6 @@ static int s_check_common(s_call *c, const char *case_id, const Medmoe__V1__Imag
     if (strlen(question) > o->max_question_bytes) {
         s_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "question: %zu bytes, over the limit of %zu",
                  strlen(question), o->max_question_bytes);
-        return -1;
-    }
-    if (!s_utf8_ok(question)) {
-        s_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "question: not valid UTF-8");
         return -1;
     }
     if (img) {
@@ -789,21 +807,27 @@ static void s_case_call(s_call *c, grpc_byte_buffer *payload) {
         k = medmoe__v1__classify_request__unpack(NULL, len, bytes);
     else
         q = medmoe__v1__case_request__unpack(NULL, len, bytes);
+    char err[1024] = "";
+    /* the strings' rules on the wire bytes, where a NUL is still visible
+     * (unpacked, they are C strings): nothing below sees a cut string */
+    int wrc = q || k
+                  ? mm_request_check_wire(bytes, len,
+                                          c->method == M_CLASSIFY ? MM_REQ_CLASSIFY : MM_REQ_CASE,
+                                          err, sizeof err)
+                  : MM_EPROTO;
     free(bytes);
     if (!q && !k) {
         s_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "request: malformed %s (%zu bytes)",
                  c->method == M_CLASSIFY ? "ClassifyRequest" : "CaseRequest", len);
         return;
     }
-    const char *case_id = q ? q->case_id : k->case_id;
-    if (case_id && strlen(case_id) <= 256)
-        c->client_case_id = strdup(case_id);
-    char err[1024] = "";
-    if (mm_tenants_admit(o->tenants, c->tenant, mm_now_ms(), err, sizeof err) != MM_OK) {
-        s_finish(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "%s", err);
+    if (wrc != MM_OK) {
+        s_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "%s", err);
         goto out;
     }
-    c->admitted = 1;
+    const char *case_id = q ? q->case_id : k->case_id;
+    if (case_id)
+        c->client_case_id = strdup(case_id); /* checked: valid, short, no control characters */
     const Medmoe__V1__Image *img = q ? q->image : k->image;
     if (s_check_common(c, case_id, img, q ? q->question : k->question))
         goto out;
@@ -862,9 +886,9 @@ static void s_case_call(s_call *c, grpc_byte_buffer *payload) {
                 s_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "candidates[%zu]: empty", i);
                 goto out;
             }
-            if (strlen(t) > o->max_question_bytes || !s_utf8_ok(t)) {
+            if (strlen(t) > o->max_question_bytes) { /* UTF-8, no NUL: checked on the wire */
                 s_finish(c, GRPC_STATUS_INVALID_ARGUMENT,
-                         "candidates[%zu]: over %zu bytes or not valid UTF-8", i,
+                         "candidates[%zu]: %zu bytes, over the limit of %zu", i, strlen(t),
                          o->max_question_bytes);
                 goto out;
             }
@@ -875,6 +899,13 @@ static void s_case_call(s_call *c, grpc_byte_buffer *payload) {
         r.n_candidate_list = k->n_candidates;
         r.max_tokens = 0;
     }
+    /* valid: only now does the case take a unit of the tenant's quota (the
+     * quota counts what the tenant is served, see medmoe.proto) */
+    if (mm_tenants_admit(o->tenants, c->tenant, mm_now_ms(), err, sizeof err) != MM_OK) {
+        s_finish(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "%s", err);
+        goto out;
+    }
+    c->admitted = 1;
     r.deadline_ms = c->deadline_ms;
     r.on_token = s_on_token; /* every method: token timing; only streams send pieces */
     r.on_done = s_on_done;

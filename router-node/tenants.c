@@ -241,6 +241,15 @@ int mm_tenants_admit(mm_tenants *t, int i, double now_ms, char *err, size_t errl
     return MM_OK;
 }
 
+void mm_tenants_refund(mm_tenants *t, int i) {
+    if (i < 0 || (size_t)i >= t->n || t->t[i].cases_per_minute <= 0)
+        return;
+    s_tenant *x = &t->t[i];
+    x->tokens += 1.0;
+    if (x->tokens > (double)x->cases_per_minute)
+        x->tokens = (double)x->cases_per_minute;
+}
+
 void mm_tenants_release(mm_tenants *t, int i) {
     if (i >= 0 && (size_t)i < t->n && t->t[i].active > 0)
         t->t[i].active--;
@@ -291,6 +300,18 @@ int mm_tenants_selftest(int verbose) {
     S_CHECK(strstr(err, "cases_per_minute"));
     S_CHECK(mm_tenants_admit(t, 0, 1000 + 20001, err, sizeof err) == MM_OK); /* 1 refilled */
     mm_tenants_release(t, 0);
+    /* a refund gives the unit back (a case refused as invalid), never past the bucket */
+    S_CHECK(mm_tenants_admit(t, 0, 21001, err, sizeof err) == MM_EAGAIN);
+    mm_tenants_refund(t, 0);
+    S_CHECK(mm_tenants_admit(t, 0, 21001, err, sizeof err) == MM_OK);
+    mm_tenants_release(t, 0);
+    for (int k = 0; k < 10; k++)
+        mm_tenants_refund(t, 0);
+    for (int k = 0; k < 3; k++) {
+        S_CHECK(mm_tenants_admit(t, 0, 21001, err, sizeof err) == MM_OK);
+        mm_tenants_release(t, 0);
+    }
+    S_CHECK(mm_tenants_admit(t, 0, 21001, err, sizeof err) == MM_EAGAIN);
     for (int k = 0; k < 100; k++) { /* b: unlimited */
         S_CHECK(mm_tenants_admit(t, 1, 0, err, sizeof err) == MM_OK);
         mm_tenants_release(t, 1);

@@ -56,6 +56,11 @@ int mm_tenants_auth(const mm_tenants *t, const char *key, size_t len);
  * was admitted must be released exactly once. */
 int mm_tenants_admit(mm_tenants *t, int i, double now_ms, char *err, size_t errlen);
 void mm_tenants_release(mm_tenants *t, int i);
+/* Give back the cases_per_minute unit an admitted case took (never past a
+ * full bucket): the quota counts what the tenant was served, so a case that
+ * ends refused (invalid, no expert, server busy) does not use it up. Does
+ * not release the concurrency unit (mm_tenants_release does). */
+void mm_tenants_refund(mm_tenants *t, int i);
 /* Cases of tenant i in flight now. */
 int mm_tenants_active(const mm_tenants *t, int i);
 

@@ -1,7 +1,10 @@
-# The front door's units: tenants (keys, quotas, config errors).
+# The front door's units, each a module's self-test: tenants (keys, quotas, refunds, config
+# errors) and request_check (NUL, UTF-8, case id length and control characters, wire walk).
 if(TARGET mm_frontdoor)
-  add_executable(test_tenants ${CMAKE_CURRENT_SOURCE_DIR}/unit/test_tenants.c)
-  target_link_libraries(test_tenants PRIVATE mm_frontdoor)
-  add_test(NAME tenants COMMAND test_tenants)
-  set_tests_properties(tenants PROPERTIES TIMEOUT 60 LABELS "grpc")
+  foreach(unit tenants request_check)
+    add_executable(test_${unit} ${CMAKE_CURRENT_SOURCE_DIR}/unit/test_${unit}.c)
+    target_link_libraries(test_${unit} PRIVATE mm_frontdoor)
+    add_test(NAME ${unit} COMMAND test_${unit})
+    set_tests_properties(${unit} PROPERTIES TIMEOUT 60 LABELS "grpc")
+  endforeach()
 endif()

@@ -32,6 +32,8 @@ if(TARGET medmoe-router AND TARGET medmoe-expert AND TARGET medmoe AND TARGET me
       "cli|60|"
       "status_auth|90|"
       "status_invalid|60|"
+      "strict|90|${MM_GRPC_NODE_FIXTURE}"
+      "stream_contract|120|${MM_GRPC_NODE_FIXTURE}"
       "status_unavailable|60|"
       "status_deadline|90|"
       "tenants|120|"

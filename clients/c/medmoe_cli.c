@@ -31,6 +31,7 @@
 
 typedef struct s_args {
     const char *cmd, *server, *key, *image, *media_type, *question, *candidates, *case_id;
+    const char *question_file;
     const char *conv_mode, *tls_ca, *tls_cert, *tls_key;
     unsigned long max_tokens;
     double temperature, top_p;
@@ -47,6 +48,7 @@ static void s_usage(FILE *f) {
             "  --image F              PNG or JPEG file (optional: a text-only question)\n"
             "  --media-type T         image/png | image/jpeg (default: detected by the server)\n"
             "  --question Q           the question (required for ask and classify)\n"
+            "  --question-file F      the question from a file (UTF-8 text, no NUL)\n"
             "  --candidates a,b,c     classify: the candidate answers\n"
             "  --max-tokens N         ask: tokens to generate (default: the server's)\n"
             "  --temperature T        ask: 0 = greedy (default)\n"
@@ -96,6 +98,7 @@ static int s_parse_args(int argc, char **argv, s_args *a) {
                                          {"image", required_argument, 0, 'i'},
                                          {"media-type", required_argument, 0, 'm'},
                                          {"question", required_argument, 0, 'q'},
+                                         {"question-file", required_argument, 0, 'Q'},
                                          {"candidates", required_argument, 0, 'c'},
                                          {"max-tokens", required_argument, 0, 'n'},
                                          {"temperature", required_argument, 0, 't'},
@@ -122,6 +125,7 @@ static int s_parse_args(int argc, char **argv, s_args *a) {
         case 'i': a->image = optarg; break;
         case 'm': a->media_type = optarg; break;
         case 'q': a->question = optarg; break;
+        case 'Q': a->question_file = optarg; break;
         case 'c': a->candidates = optarg; break;
         case 'C': a->conv_mode = optarg; break;
         case 'I': a->case_id = optarg; break;
@@ -179,8 +183,12 @@ static int s_parse_args(int argc, char **argv, s_args *a) {
     }
     if (!a->key)
         a->key = getenv("MEDMOE_API_KEY");
-    if (strcmp(a->cmd, "status") && !a->question) {
-        fprintf(stderr, "medmoe: %s: --question is required\n", a->cmd);
+    if (a->question && a->question_file) {
+        fprintf(stderr, "medmoe: --question and --question-file do not go together\n");
+        return -1;
+    }
+    if (strcmp(a->cmd, "status") && !a->question && !a->question_file) {
+        fprintf(stderr, "medmoe: %s: --question (or --question-file) is required\n", a->cmd);
         return -1;
     }
     if (!strcmp(a->cmd, "classify") && !a->candidates) {
@@ -190,12 +198,13 @@ static int s_parse_args(int argc, char **argv, s_args *a) {
     return 0;
 }
 
-static int s_read_image(const char *path, uint8_t **out, size_t *len) {
+/* The whole file (flag names it in messages), with a NUL after its bytes. */
+static int s_read_file(const char *flag, const char *path, uint8_t **out, size_t *len) {
     *out = NULL;
     *len = 0;
     FILE *f = fopen(path, "rb");
     if (!f) {
-        fprintf(stderr, "medmoe: --image %s: %s\n", path, strerror(errno));
+        fprintf(stderr, "medmoe: %s %s: %s\n", flag, path, strerror(errno));
         return -1;
     }
     size_t cap = 1 << 16, n = 0;
@@ -203,16 +212,16 @@ static int s_read_image(const char *path, uint8_t **out, size_t *len) {
     for (;;) {
         if (!buf) {
             fclose(f);
-            fprintf(stderr, "medmoe: --image %s: out of memory\n", path);
+            fprintf(stderr, "medmoe: %s %s: out of memory\n", flag, path);
             return -1;
         }
-        n += fread(buf + n, 1, cap - n, f);
-        if (n < cap)
+        n += fread(buf + n, 1, cap - 1 - n, f);
+        if (n < cap - 1)
             break;
         if (cap >= S_MAX_IMAGE_FILE) {
             free(buf);
             fclose(f);
-            fprintf(stderr, "medmoe: --image %s: larger than %zu bytes\n", path, S_MAX_IMAGE_FILE);
+            fprintf(stderr, "medmoe: %s %s: larger than %zu bytes\n", flag, path, S_MAX_IMAGE_FILE);
             return -1;
         }
         uint8_t *nb = realloc(buf, cap * 2);
@@ -225,9 +234,10 @@ static int s_read_image(const char *path, uint8_t **out, size_t *len) {
     fclose(f);
     if (bad) {
         free(buf);
-        fprintf(stderr, "medmoe: --image %s: read error\n", path);
+        fprintf(stderr, "medmoe: %s %s: read error\n", flag, path);
         return -1;
     }
+    buf[n] = 0;
     *out = buf;
     *len = n;
     return 0;
@@ -545,8 +555,28 @@ int main(int argc, char **argv) {
 
     uint8_t *img = NULL;
     size_t img_len = 0;
-    if (a.image && s_read_image(a.image, &img, &img_len) != 0)
+    if (a.image && s_read_file("--image", a.image, &img, &img_len) != 0)
         return S_EXIT_USAGE;
+    uint8_t *qfile = NULL; /* --question-file's bytes (a.question points here) */
+    size_t q_len = 0;
+    if (a.question_file) {
+        if (s_read_file("--question-file", a.question_file, &qfile, &q_len) != 0) {
+            free(img);
+            return S_EXIT_USAGE;
+        }
+        /* a C string cannot carry a NUL: the message would silently cut the
+         * question there, so refuse it here as the server would */
+        const uint8_t *z = memchr(qfile, 0, q_len);
+        if (z) {
+            fprintf(stderr,
+                    "medmoe: --question-file %s: NUL byte at offset %zu (a question is text)\n",
+                    a.question_file, (size_t)(z - qfile));
+            free(img);
+            free(qfile);
+            return S_EXIT_USAGE;
+        }
+        a.question = (const char *)qfile;
+    }
 
     Medmoe__V1__Image image = MEDMOE__V1__IMAGE__INIT;
     image.data.data = img;
@@ -592,6 +622,7 @@ int main(int argc, char **argv) {
     }
     free(img);
     free(cands);
+    free(qfile);
     if (strcmp(a.cmd, "status") && !req) {
         fprintf(stderr, "medmoe: out of memory\n");
         return S_EXIT_USAGE;

@@ -336,6 +336,191 @@ def scenario_status_invalid(a):
         log("the good case beside them was answered correctly")
 
 
+# ---- 2b. strict inputs and the quota that counts what was served ----------------------------------
+LONG_ID = "x" * 257
+
+
+def strict_rules():
+    """(what, method, request fields, field named, reason in the message): the front door's text
+    rules (proto/medmoe.proto, "Text rules"), in the form every client can send."""
+    return [
+        ("NUL in the question", "ask", {"question": "What\0 modality is this image?"}, "question",
+         "NUL byte at offset 4"),
+        ("NUL in a candidate", "classify", {"question": QUESTION, "candidates": ["ct", "m\0ri"]},
+         "candidates[1]", "NUL byte at offset 1"),
+        ("a case id over 256 bytes", "ask", {"question": QUESTION, "case_id": LONG_ID}, "case_id",
+         "257 bytes, over the limit of 256"),
+        ("a BEL in the case id", "ask", {"question": QUESTION, "case_id": "case\x07id"}, "case_id",
+         "U+0007 at offset 4"),
+        ("a newline in the case id", "classify", {"question": QUESTION, "candidates": CANDIDATES,
+                                                  "case_id": "a\nforged line"}, "case_id", "U+000A"),
+        ("a right-to-left override in the case id", "ask", {"question": QUESTION, "case_id": "id\u202eevil"},
+         "case_id", "U+202E"),
+    ]
+
+
+def check_refused(code, details, what, field, reason):
+    if code != "INVALID_ARGUMENT":
+        raise TestFailure("%s: %s (%s), want INVALID_ARGUMENT" % (what, code, details))
+    if not (details or "").startswith(field + ": ") or reason not in details:
+        raise TestFailure("%s: INVALID_ARGUMENT %r does not name %r and %r" % (what, details, field, reason))
+    log("%s: INVALID_ARGUMENT: %s" % (what, details))
+
+
+def scenario_strict(a):
+    """Every text rule refused as INVALID_ARGUMENT naming the field and reason, through the Python,
+    Node and C clients; none of those refusals (nor a case whose image fails to decode) uses the
+    tenant's cases_per_minute: after ~30 of them the tenant's 3 cases are still all there."""
+    with G.GrpcCluster(bins(a), a.workdir) as cl:
+        cl.image_path = a.image
+        t = cl.tenant("strict", max_concurrent=4, cases_per_minute=3)
+        cl.start(a.model)
+        c = cl.client(t)
+        image = png(a)
+        n_refused = 0
+
+        # -- Python (grpcio): the library for what a str holds, raw bytes for invalid UTF-8
+        for what, method, f, field, reason in strict_rules():
+            kw = dict(f)
+            q = kw.pop("question")
+            fn = (lambda: c.classify(q, kw.pop("candidates"), timeout=20, **kw)) if method == "classify" \
+                else (lambda: c.ask(q, max_tokens=2, timeout=20, **kw))
+            e = G.expect_code(fn, "INVALID_ARGUMENT", "python: " + what)
+            check_refused(e.code().name, e.details(), "python: " + what, field, reason)
+            n_refused += 1
+        raw = grpc.insecure_channel(cl.target)
+        cl.clients.append(raw)
+        ask = raw.unary_unary("/medmoe.v1.CaseService/Ask")
+        classify = raw.unary_unary("/medmoe.v1.CaseService/Classify")
+        bad_utf8 = [  # placeholder -> bytes of the same length (the message's lengths stay right)
+            ("invalid UTF-8 in the question", ask, c.case_request("What QQ modality?"), b"QQ", b"\xff\xfe",
+             "question", "not valid UTF-8 (byte 0xff at offset 5)"),
+            ("a surrogate in the question", ask, c.case_request("What QQQ modality?"), b"QQQ", b"\xed\xa0\x80",
+             "question", "not valid UTF-8 (byte 0xed at offset 5)"),
+            ("invalid UTF-8 in the case id", ask, c.case_request(QUESTION, case_id="idZZ"), b"ZZ", b"\xc3\x28",
+             "case_id", "not valid UTF-8 (byte 0xc3 at offset 2)"),
+            ("an overlong '/' in a candidate", classify, c.classify_request(QUESTION, ["ct", "aWW"]), b"WW",
+             b"\xc0\xaf", "candidates[1]", "not valid UTF-8 (byte 0xc0 at offset 1)"),
+        ]
+        for what, stub, req, ph, repl, field, reason in bad_utf8:
+            body = req.SerializeToString()
+            if body.count(ph) != 1:
+                raise TestFailure("test bug: placeholder %r occurs %d times" % (ph, body.count(ph)))
+            body = body.replace(ph, repl)
+            e = G.expect_code(lambda: stub(body, timeout=20, metadata=c.metadata()), "INVALID_ARGUMENT",
+                              "python (raw bytes): " + what)
+            check_refused(e.code().name, e.details(), "python: " + what, field, reason)
+            n_refused += 1
+
+        # -- Node (@grpc/grpc-js + protobufjs): a lone surrogate is sent as ED A0 80
+        if a.node_modules and os.path.isdir(os.path.join(a.node_modules, "@grpc", "grpc-js")):
+            cases = [{"method": m, "req": dict(f)} for _, m, f, _, _ in strict_rules()]
+            expect = [(w, fld, r) for w, _, _, fld, r in strict_rules()]
+            cases += [{"method": "ask", "req": {"question": "What \ud800 modality?"}},
+                      {"method": "ask", "req": {"question": QUESTION, "case_id": "id-\udc00"}}]
+            expect += [("a lone surrogate in the question", "question", "byte 0xed at offset 5"),
+                       ("a lone surrogate in the case id", "case_id", "byte 0xed at offset 3")]
+            p = subprocess.run(["node", os.path.join(G.HERE, "strict_node.js"), cl.target, t.key],
+                               input=json.dumps(cases), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, timeout=60, env=dict(os.environ, NODE_PATH=a.node_modules))
+            if p.returncode != 0:
+                raise TestFailure("strict_node.js: exit %d: %s" % (p.returncode, p.stderr[-2000:]))
+            res = json.loads(p.stdout)
+            for (what, field, reason), r in zip(expect, res):
+                check_refused(r["code"], r.get("details"), "node: " + what, field, reason)
+                n_refused += 1
+        else:
+            log("node: no node_modules with @grpc/grpc-js at %r: the Node client's part is skipped"
+                % a.node_modules)
+
+        # -- C (the medmoe CLI): argv carries any byte but NUL; a NUL comes from --question-file
+        def cli(args):
+            p = run_cmd([a.cli] + args[:1] + ["--server", cl.target, "--key", t.key] + args[1:], 30)
+            return p.returncode, p.stderr.strip()
+
+        qf = os.path.join(cl.workdir, "question-with-nul.txt")
+        with open(qf, "wb") as fq:
+            fq.write(b"What\0 modality is this image?")
+        rc, err = cli(["ask", "--question-file", qf])
+        if rc != 2 or "NUL byte at offset 4" not in err:
+            raise TestFailure("cli: --question-file with a NUL: exit %d, %r (want 2 and the offset)" % (rc, err))
+        log("cli: a NUL in --question-file refused before sending: %s" % err)
+        cli_cases = [
+            ("invalid UTF-8 in the question", ["ask", "--question", b"What \xff modality?"], "question",
+             "byte 0xff at offset 5"),
+            ("invalid UTF-8 in a candidate", ["classify", "--question", QUESTION, "--candidates", b"ct,m\xffri"],
+             "candidates[1]", "byte 0xff at offset 1"),
+            ("invalid UTF-8 in the case id", ["ask", "--question", QUESTION, "--case-id", b"id\xc3\x28"],
+             "case_id", "byte 0xc3 at offset 2"),
+            ("a case id over 256 bytes", ["ask", "--question", QUESTION, "--case-id", LONG_ID], "case_id",
+             "over the limit of 256"),
+            ("an ESC in the case id", ["ask", "--question", QUESTION, "--case-id", "a\x1bb"], "case_id",
+             "U+001B at offset 1"),
+        ]
+        for what, args, field, reason in cli_cases:
+            args = [x if isinstance(x, bytes) else x.encode() for x in args]
+            p = subprocess.run([a.cli.encode(), args[0], b"--server", cl.target.encode(), b"--key",
+                                t.key.encode()] + args[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               timeout=30)
+            err = p.stderr.decode("utf-8", "replace").strip()
+            m = re.match(r"^medmoe: (\w+): (.*)$", err)
+            if p.returncode != 1 or not m:
+                raise TestFailure("cli: %s: exit %d, %r" % (what, p.returncode, err))
+            check_refused(m.group(1), m.group(2), "cli: " + what, field, reason)
+            n_refused += 1
+
+        # -- a refusal after admission (the image does not decode) gives its unit back too
+        G.expect_code(lambda: c.ask(QUESTION, image=b"\x89PNG\r\n\x1a\n" + b"garbage" * 20, timeout=20),
+                      "INVALID_ARGUMENT", "python: a PNG that does not decode", field="image")
+        n_refused += 1
+        # -- the quota: cases_per_minute 3 is untouched by the refusals above
+        ok = [c.ask(QUESTION, max_tokens=2, case_id="caf\u00e9-%d" % i, timeout=30) for i in range(3)]
+        if [x.case_id for x in ok] != ["caf\u00e9-%d" % i for i in range(3)]:
+            raise TestFailure("valid non-ASCII case ids echoed as %r" % [x.case_id for x in ok])
+        log("after %d refused requests, the tenant's 3 cases per minute were all admitted" % n_refused)
+        G.expect_code(lambda: c.ask(QUESTION, max_tokens=2, timeout=30), "RESOURCE_EXHAUSTED",
+                      "a 4th valid case within the minute (the bucket is still enforced)", field="cases_per_minute")
+        cl.stop_router()
+
+
+STREAM_QUESTIONS = [QUESTION, "Is there a fracture?", "Describe the lesion.", "what organ is shown",
+                    "Where is the abnormality located in this image?", "Is this normal? Answer yes or no.",
+                    " Leading and trailing spaces ", "Which plane: axial, sagittal or coronal?"]
+
+
+def scenario_stream_contract(a):
+    """AskStream's contract (proto/medmoe.proto): the chunks' text concatenated == final.answer
+    and their tokens == final.tokens, on several cases (with and without the image, several
+    lengths), through the Python library and the C and Node CLIs (printed pieces == answer)."""
+    with G.GrpcCluster(bins(a), a.workdir) as cl:
+        cl.image_path = a.image
+        t = cl.tenant("hospital-a", max_concurrent=8)
+        cl.start(a.model)
+        c = cl.client(t)
+        image = png(a)
+        node = a.node_modules and os.path.isdir(os.path.join(a.node_modules, "@grpc", "grpc-js"))
+        n = 0
+        for i, q in enumerate(STREAM_QUESTIONS):
+            for img, mt in ((image, 24), (None, 12 + i)):
+                what = "stream %r %s max_tokens %d" % (q, "with image" if img else "text only", mt)
+                joined, _, final = G.stream_answer(c.ask_stream(q, image=img, max_tokens=mt, timeout=60), what)
+                n += 1
+                if img is None or i % 3:
+                    continue
+                args = ["ask", "--question", q, "--max-tokens", str(mt), "--stream", "--image", a.image]
+                p = run_cmd([a.cli, args[0], "--server", cl.target, "--key", t.key] + args[1:], 60)
+                if p.returncode != 0 or p.stdout != final["answer"] + "\n":
+                    raise TestFailure("cli %s: exit %d, printed %r, answer %r" % (what, p.returncode, p.stdout,
+                                                                                 final["answer"]))
+                if node:
+                    p = run_cmd(["node", G.NODE_CLIENT, args[0], "--server", cl.target, "--key", t.key] + args[1:],
+                                60, env=dict(os.environ, NODE_PATH=a.node_modules))
+                    if p.returncode != 0 or p.stdout != final["answer"] + "\n":
+                        raise TestFailure("node %s: exit %d, printed %r, answer %r"
+                                          % (what, p.returncode, p.stdout, final["answer"]))
+        log("%d streams: pieces concatenate to the final answer, tokens to its tokens" % n)
+
+
 def scenario_status_unavailable(a):
     """A needed expert with no live replica → UNAVAILABLE naming it; health NOT_SERVING; recovery."""
     with G.GrpcCluster(bins(a), a.workdir) as cl:
@@ -1074,7 +1259,8 @@ def scenario_node_deps(a):
 
 SCENARIOS = {
     "python": scenario_python, "node": scenario_node, "cli": scenario_cli,
-    "status_auth": scenario_status_auth, "status_invalid": scenario_status_invalid,
+    "status_auth": scenario_status_auth, "status_invalid": scenario_status_invalid, "strict": scenario_strict,
+    "stream_contract": scenario_stream_contract,
     "status_unavailable": scenario_status_unavailable, "status_deadline": scenario_status_deadline,
     "tenants": scenario_tenants, "stream32": scenario_stream32, "cancel": scenario_cancel,
     "tls": scenario_tls, "audit": scenario_audit, "robust": scenario_robust, "node_deps": scenario_node_deps,
