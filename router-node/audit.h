@@ -1,14 +1,23 @@
-/* audit.h — the append-only audit log: one JSON object per line per case.
+/* audit.h — the append-only audit log: JSON lines, one per event of a case.
  *
  * Offers an open/append/close trio over a file opened O_APPEND: each record
  * is written with one write(2) of the whole line (so lines from one process
  * never interleave and a crash leaves at most a torn last line) and so is in
- * the kernel when mm_audit_write returns; with sync = 1 it is also fsync'ed.
- * The caller decides what goes in; the log never holds the image, the
- * question or the answer (the gRPC server builds the records).
+ * the kernel when mm_audit_write returns: a killed process loses nothing it
+ * wrote; with sync = 1 it is also fsync'ed (survives the machine). The caller
+ * decides what goes in; the log never holds the image, the question or the
+ * answer (the gRPC server builds the records, see grpc_server.c).
+ *
+ * Each open is a "run" (a random id); records about a case carry "run" and
+ * "seq" (mm_audit_next_seq): its "admitted" record is written when the case
+ * is admitted, its "end" record when it ends. mm_audit_recover, at start,
+ * reads the log's tail and reports every case admitted by an earlier run that
+ * has no end (the router died under it), writing an "unfinished" record for
+ * each so that the next start does not report it again.
  *
  *     mm_audit *a;  char err[512];
  *     if (mm_audit_open("audit.jsonl", 0, &a, err, sizeof err)) {...}
+ *     mm_audit_recover(a, MM_AUDIT_SCAN_BYTES, on_unfinished, ctx, err, sizeof err);
  *     json_t *r = json_pack("{s:s, s:s}", "tenant", "hospital-a", "status", "OK");
  *     mm_audit_write(a, r, err, sizeof err);     // prepends "time" (UTC, ms)
  *     json_decref(r);
@@ -19,6 +28,7 @@
 
 #include <jansson.h>
 #include <stddef.h>
+#include <stdint.h>
 
 typedef struct mm_audit mm_audit;
 
@@ -31,5 +41,30 @@ void mm_audit_close(mm_audit **a);
 int mm_audit_write(mm_audit *a, const json_t *record, char *err, size_t errlen);
 /* Records written so far. */
 size_t mm_audit_count(const mm_audit *a);
+
+/* This open's run id (16 hex digits, random). */
+const char *mm_audit_run(const mm_audit *a);
+/* The next case number of this run (1, 2, ...). */
+uint64_t mm_audit_next_seq(mm_audit *a);
+
+/* How much of the log's end mm_audit_recover reads: a case admitted more
+ * than this many bytes of records before the crash is not seen (16 MiB is
+ * ~60,000 records of ~280 bytes: far more than the cases that can be in flight). */
+#define MM_AUDIT_SCAN_BYTES ((size_t)16 << 20)
+
+/* Called for each admitted case without an end: its "admitted" record. */
+typedef void (*mm_audit_unfinished_fn)(void *ctx, const json_t *admitted);
+
+/* Read the last scan_bytes of the log; for every {"event": "admitted"} of
+ * another run with no {"event": "end"} or {"event": "unfinished"} of the same
+ * run and seq after it, call fn and append {"event": "unfinished", "run",
+ * "seq", "tenant", "case_id", "method", "peer", "admitted_at"}. *n_out (may be
+ * NULL): how many. Lines that are not JSON (a torn last line) are skipped. */
+int mm_audit_recover(mm_audit *a, size_t scan_bytes, mm_audit_unfinished_fn fn, void *ctx,
+                     size_t *n_out, char *err, size_t errlen);
+
+/* Known-answer checks (write, recover, recover again finds nothing) on a
+ * file in dir; MM_OK or MM_ERR (what failed on stderr when verbose). */
+int mm_audit_selftest(const char *dir, int verbose);
 
 #endif

@@ -1,7 +1,7 @@
 /* grpc_server.c — medmoe.v1.CaseService + grpc.health.v1 on the gRPC C core
  * (see grpc_server.h). The only file of the project that calls grpc_*.
  *
- * Why one file of ~1400 lines: gRPC's C core API is private and changes
+ * Why one file of ~1650 lines: gRPC's C core API is private and changes
  * between minor versions (docs/ARCHITECTURE.md, "Lessons from peers"), so
  * every grpc_* call stays here and a version change touches one file.
  *
@@ -24,8 +24,10 @@
 #include <grpc/grpc.h>
 #include <grpc/grpc_security.h>
 #include <grpc/slice.h>
+#include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
 #include <jansson.h>
+#include <malloc.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -113,8 +115,11 @@ typedef struct s_call {
     s_event *done_ev;
     int aborted;        /* the client cancelled / went away, or a send failed */
     int recv_cancelled; /* GRPC_OP_RECV_CLOSE_ON_SERVER's output            */
+    char peer[128];     /* the client's address (grpc_call_get_peer)         */
+    uint64_t seq;       /* the audit log's case number once admitted; 0: not */
     int ops;            /* batches started and not yet completed             */
     int send_busy;      /* a send batch is in flight                         */
+    double t_send_ms;   /* mm_now_ms() when it started (the write timeout)   */
     int md_sent;        /* initial metadata went out                         */
     int status_set;     /* code/msg are final                                */
     int status_started; /* SEND_STATUS_FROM_SERVER is in a started batch     */
@@ -158,6 +163,17 @@ struct mm_grpc_server {
     int shutting_down; /* grpc_server_shutdown_and_notify called             */
     int shutdown_done; /* ... and its tag came back                          */
     s_tag t_shutdown;
+    /* refused unauthenticated calls since the last flush, by client address
+     * ({"ipv4:10.0.0.7": {"calls": n, "methods": {"Ask": n}}}): one audit
+     * record and one log line per address per S_UNAUTH_INTERVAL_MS, not one
+     * per call (a flood must not flood the audit log) */
+    json_t *unauth;
+    double t_unauth_flush;     /* mm_now_ms() of the next flush */
+    double t_write_check;      /* mm_now_ms() of the next write-timeout scan */
+    int n_write_timeouts;      /* calls cancelled so (for tests, logs)       */
+    size_t calls_since_trim;   /* calls arrived since the last malloc_trim  */
+    double t_trim;             /* mm_now_ms() of the last malloc_trim       */
+    int trim_due;              /* a burst was seen: trim when a second is up */
     mm_router_case_metrics cm; /* NULL handles without o.metrics */
     /* the one thing shared with the scheduler's threads: its callbacks append
      * here, the CQ thread takes the whole list (never calling out while
@@ -174,6 +190,11 @@ void mm_grpc_options_default(mm_grpc_options *o) {
     o->max_tokens_limit = 512;
     o->max_message = 32u << 20;
     o->max_candidates = 64;
+    o->max_streams = 100;
+    o->idle_ms = 300000;
+    o->max_age_ms = 3600000;
+    o->age_grace_ms = 600000;
+    o->write_timeout_ms = 20000;
     o->version = "";
     o->eos_token = -1;
     o->log_calls = 1;
@@ -229,16 +250,117 @@ static int s_served(grpc_status_code code) {
            code == GRPC_STATUS_DEADLINE_EXCEEDED;
 }
 
+/* Calls that make a burst worth a malloc_trim (s_trim). */
+#define S_TRIM_CALLS 256
+
+/* How often refused unauthenticated calls are written out, per client
+ * address: one audit record and one log line each. */
+#define S_UNAUTH_INTERVAL_MS 10000.0
+/* Addresses counted apart per interval; the rest are counted as "other" (a
+ * flood from many addresses must not grow the table without bound). */
+#define S_UNAUTH_MAX_PEERS 1024
+
+/* The client's host without its port ("ipv4:10.0.0.7:51234" -> "ipv4:10.0.0.7"):
+ * a flood opens many connections from one host. */
+static void s_peer_host(const char *peer, char *out, size_t n) {
+    snprintf(out, n, "%s", peer);
+    char *colon = strrchr(out, ':');
+    if (!colon || colon == out || !colon[1])
+        return;
+    for (const char *p = colon + 1; *p; p++)
+        if (*p < '0' || *p > '9')
+            return;
+    if (strncmp(out, "ipv4:", 5) && strncmp(out, "ipv6:", 5))
+        return;
+    *colon = 0;
+}
+
+/* Count a refused unauthenticated call under its client's address. */
+static void s_unauth_note(mm_grpc_server *g, const s_call *c) {
+    if (!g->unauth && !(g->unauth = json_object()))
+        return;
+    char host[128];
+    s_peer_host(c->peer, host, sizeof host);
+    json_t *e = json_object_get(g->unauth, host);
+    if (!e && json_object_size(g->unauth) >= S_UNAUTH_MAX_PEERS)
+        e = json_object_get(g->unauth, (snprintf(host, sizeof host, "other"), host));
+    if (!e) {
+        e = json_pack("{s:I, s:{}}", "calls", (json_int_t)0, "methods");
+        if (!e || json_object_set_new(g->unauth, host, e))
+            return;
+    }
+    json_object_set_new(e, "calls",
+                        json_integer(json_integer_value(json_object_get(e, "calls")) + 1));
+    json_t *m = json_object_get(e, "methods");
+    const char *name = s_method_name[c->method];
+    json_object_set_new(m, name, json_integer(json_integer_value(json_object_get(m, name)) + 1));
+}
+
+/* Write out what s_unauth_note counted: one audit record and one log line per
+ * address. */
+static void s_unauth_flush(mm_grpc_server *g) {
+    g->t_unauth_flush = mm_now_ms() + S_UNAUTH_INTERVAL_MS;
+    if (!g->unauth || !json_object_size(g->unauth))
+        return;
+    const char *host;
+    json_t *e;
+    json_object_foreach(g->unauth, host, e) {
+        json_int_t n = json_integer_value(json_object_get(e, "calls"));
+        mm_logf(g->o.log, MM_LOG_WARN, NULL,
+                "grpc: refused %lld unauthenticated call(s) from %s (no or unknown API key) in the "
+                "last %.0f s",
+                (long long)n, host, S_UNAUTH_INTERVAL_MS / 1000.0);
+        if (!g->o.audit)
+            continue;
+        json_t *r = json_pack("{s:s, s:s, s:I, s:O, s:f}", "event", "unauthenticated", "peer", host,
+                              "calls", n, "methods", json_object_get(e, "methods"), "interval_s",
+                              S_UNAUTH_INTERVAL_MS / 1000.0);
+        char err[512];
+        if (r && mm_audit_write(g->o.audit, r, err, sizeof err) != MM_OK)
+            mm_logf(g->o.log, MM_LOG_ERROR, NULL, "%s", err);
+        json_decref(r);
+    }
+    json_object_clear(g->unauth);
+}
+
+/* The "admitted" audit record, written (one write(2), in the kernel: it
+ * survives the router being killed) as the case is admitted; the "end"
+ * record with the same run and seq follows when it ends. */
+static void s_audit_admitted(s_call *c) {
+    mm_grpc_server *g = c->g;
+    if (!g->o.audit)
+        return;
+    c->seq = mm_audit_next_seq(g->o.audit);
+    json_t *r = json_pack("{s:s, s:s, s:I, s:s, s:s, s:s, s:s}", "event", "admitted", "run",
+                          mm_audit_run(g->o.audit), "seq", (json_int_t)c->seq, "tenant",
+                          mm_tenants_id(g->o.tenants, c->tenant), "case_id",
+                          c->client_case_id ? c->client_case_id : "", "method",
+                          s_method_name[c->method], "peer", c->peer);
+    char err[512];
+    if (!r || mm_audit_write(g->o.audit, r, err, sizeof err) != MM_OK)
+        mm_logf(g->o.log, MM_LOG_ERROR, c->client_case_id, "%s", r ? err : "audit: out of memory");
+    json_decref(r);
+}
+
 /* The audit record and the log line: the one place a call ends. */
 static void s_call_free(s_call *c) {
     mm_grpc_server *g = c->g;
     double ms = mm_now_ms() - c->t_arrival;
     const char *tenant = c->tenant >= 0 ? mm_tenants_id(g->o.tenants, c->tenant) : "";
-    if (s_is_case_method(c->method) && g->o.audit) {
+    int unauth = c->tenant < 0 && c->code == GRPC_STATUS_UNAUTHENTICATED;
+    if (unauth)
+        s_unauth_note(g, c);
+    if (s_is_case_method(c->method) && g->o.audit && !unauth) {
         json_t *r = json_object();
+        json_object_set_new(r, "event", json_string("end"));
+        if (c->seq) {
+            json_object_set_new(r, "run", json_string(mm_audit_run(g->o.audit)));
+            json_object_set_new(r, "seq", json_integer((json_int_t)c->seq));
+        }
         json_object_set_new(r, "tenant", json_string(tenant));
         json_object_set_new(r, "case_id", json_string(c->client_case_id ? c->client_case_id : ""));
         json_object_set_new(r, "method", json_string(s_method_name[c->method]));
+        json_object_set_new(r, "peer", json_string(c->peer));
         json_object_set_new(r, "status", json_string(s_code_name(c->code)));
         json_object_set_new(r, "experts", s_experts_json(c));
         json_object_set_new(r, "prompt_tokens", json_integer(c->prompt_tokens));
@@ -253,7 +375,7 @@ static void s_call_free(s_call *c) {
     }
     if (s_is_case_method(c->method))
         mm_metric_add(g->cm.cases, 1, *tenant ? tenant : "-", s_code_name(c->code));
-    if (g->o.log_calls) {
+    if (g->o.log_calls && !unauth) {
         const char *cid = c->client_case_id && *c->client_case_id ? c->client_case_id : NULL;
         mm_logf(g->o.log, c->code == GRPC_STATUS_OK ? MM_LOG_INFO : MM_LOG_WARN, cid,
                 "grpc %s tenant=%s case=%s status=%s%s %.1f ms", s_method_name[c->method],
@@ -389,6 +511,7 @@ static void s_flush(s_call *c) {
     c->md_sent = 1;
     c->sending = msg;
     c->send_busy = 1;
+    c->t_send_ms = mm_now_ms();
     c->ops++;
     if (with_status)
         c->status_started = 1;
@@ -906,6 +1029,7 @@ static void s_case_call(s_call *c, grpc_byte_buffer *payload) {
         goto out;
     }
     c->admitted = 1;
+    s_audit_admitted(c);
     r.deadline_ms = c->deadline_ms;
     r.on_token = s_on_token; /* every method: token timing; only streams send pieces */
     r.on_done = s_on_done;
@@ -1062,6 +1186,9 @@ static void s_on_new(s_listener *l, int ok) {
     c->md = l->md; /* ownership moves to the call */
     c->tenant = -1;
     c->t_arrival = mm_now_ms();
+    char *peer = grpc_call_get_peer(c->call);
+    snprintf(c->peer, sizeof c->peer, "%s", peer ? peer : "unknown");
+    gpr_free(peer);
     gpr_timespec dl = l->deadline;
     if (!l->rm) {
         c->details = l->details;
@@ -1080,6 +1207,7 @@ static void s_on_new(s_listener *l, int ok) {
         g->calls->prev = c;
     g->calls = c;
     g->n_calls++;
+    g->calls_since_trim++;
     s_arm(l); /* the next call of this method may arrive now */
 
     /* learn at once when the client cancels or goes away */
@@ -1158,14 +1286,66 @@ static void s_on_event(mm_grpc_server *g, grpc_event ev) {
     }
 }
 
+/* A call whose send has made no progress for write_timeout_ms: the client
+ * does not read (its HTTP/2 window stays shut). Cancel it so that its
+ * batch completes, its case leaves the scheduler and its tenant's slot is
+ * freed when the call is (the audit and the log say CANCELLED, "write
+ * timeout"). Scanned every 100 ms at most. */
+static void s_write_timeouts(mm_grpc_server *g) {
+    double now = mm_now_ms();
+    if (g->o.write_timeout_ms <= 0 || now < g->t_write_check)
+        return;
+    g->t_write_check = now + 100;
+    for (s_call *c = g->calls; c; c = c->next) {
+        if (!c->send_busy || c->aborted || now - c->t_send_ms < g->o.write_timeout_ms)
+            continue;
+        c->aborted = 1;
+        if (c->in_sched)
+            mm_sched_cancel(g->o.sched, c->sched_id);
+        /* what the audit and the log record: the client never got its status */
+        c->code = GRPC_STATUS_CANCELLED;
+        snprintf(c->msg, sizeof c->msg, "write timeout: the client read nothing for %d ms",
+                 g->o.write_timeout_ms);
+        c->status_set = 1;
+        g->n_write_timeouts++;
+        mm_logf(g->o.log, MM_LOG_WARN, c->client_case_id,
+                "grpc %s from %s: write timeout (%d ms without progress): call cancelled, "
+                "its slot freed",
+                s_method_name[c->method], c->peer, g->o.write_timeout_ms);
+        grpc_call_cancel_with_status(c->call, GRPC_STATUS_CANCELLED, c->msg, NULL);
+    }
+}
+
 /* How long the CQ thread waits in grpc_completion_queue_next while cases are
  * in the scheduler: their events are only seen between two waits (the C core
  * 1.51 has no public alarm to wake the queue from another thread), so this
  * bounds the delay they add to a streamed token or an answer. */
 #define S_EVENT_POLL_MS 2
 
+/* After a burst of calls (a flood, a peak of traffic) give the freed heap
+ * back to the system: glibc keeps it in its arenas (gRPC's threads have
+ * their own), so a burst would otherwise stay in the RSS for good (measured:
+ * 20,000 streams opened and reset at once left +233 MB without this, +0.1 MB
+ * with it). At most once a second while a burst goes on, and once more
+ * after it. */
+static void s_trim(mm_grpc_server *g) {
+    if (g->calls_since_trim >= S_TRIM_CALLS)
+        g->trim_due = 1;
+    double now = mm_now_ms();
+    if (!g->trim_due || now - g->t_trim < 1000.0)
+        return;
+    g->t_trim = now;
+    g->trim_due = g->calls_since_trim > 0; /* calls since the last one: once more */
+    g->calls_since_trim = 0;
+    malloc_trim(0);
+}
+
 int mm_grpc_server_poll(mm_grpc_server *g, int timeout_ms) {
     int n = s_drain(g);
+    s_trim(g);
+    if (mm_now_ms() >= g->t_unauth_flush)
+        s_unauth_flush(g);
+    s_write_timeouts(g);
     if (g->n_in_sched > 0 && timeout_ms > S_EVENT_POLL_MS)
         timeout_ms = S_EVENT_POLL_MS;
     gpr_timespec dl = timeout_ms > 0 ? gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
@@ -1256,12 +1436,48 @@ static void s_teardown(mm_grpc_server *g) {
     grpc_shutdown();
 }
 
+static void s_on_unfinished(void *ctx, const json_t *r) {
+    mm_grpc_server *g = ctx;
+    const char *cid = json_string_value(json_object_get(r, "case_id"));
+    mm_logf(g->o.log, MM_LOG_WARN, cid && *cid ? cid : NULL,
+            "audit: case '%s' (tenant %s, %s from %s, run %s seq %lld) admitted at %s never "
+            "finished: the router stopped under it",
+            cid ? cid : "", json_string_value(json_object_get(r, "tenant")),
+            json_string_value(json_object_get(r, "method")),
+            json_string_value(json_object_get(r, "peer")),
+            json_string_value(json_object_get(r, "run")),
+            (long long)json_integer_value(json_object_get(r, "seq")),
+            json_string_value(json_object_get(r, "time")));
+}
+
+/* At start: the cases an earlier run admitted and never ended (it was
+ * killed), each logged and recorded "unfinished" in the audit log. */
+static void s_audit_recover(mm_grpc_server *g) {
+    char err[512];
+    size_t n = 0;
+    if (mm_audit_recover(g->o.audit, MM_AUDIT_SCAN_BYTES, s_on_unfinished, g, &n, err,
+                         sizeof err) != MM_OK)
+        mm_logf(g->o.log, MM_LOG_ERROR, NULL, "%s", err);
+    else if (n)
+        mm_logf(g->o.log, MM_LOG_WARN, NULL,
+                "audit: %zu case(s) admitted by an earlier run never finished (recorded as "
+                "\"unfinished\")",
+                n);
+}
+
 int mm_grpc_check_options(const mm_grpc_options *o, char *err, size_t errlen) {
     if (!o->listen || !*o->listen)
         return mm_errorf(err, errlen, MM_EINVAL, "grpc server: no listen address");
     if (o->max_message < 1024 || o->max_message > 0x7fffffff)
         return mm_errorf(err, errlen, MM_EINVAL, "grpc server: max message %zu out of range",
                          o->max_message);
+    if (o->max_streams < 1 || o->idle_ms < 1 || o->max_age_ms < 1 || o->age_grace_ms < 0 ||
+        o->write_timeout_ms < 0)
+        return mm_errorf(err, errlen, MM_EINVAL,
+                         "grpc server: max streams %d, idle %d ms, max age %d ms, age grace %d ms "
+                         "or write timeout %d ms out of range",
+                         o->max_streams, o->idle_ms, o->max_age_ms, o->age_grace_ms,
+                         o->write_timeout_ms);
     if (!o->tls_cert && !o->tls_key && !o->tls_client_ca)
         return MM_OK;
     if (!o->tls_cert || !o->tls_key)
@@ -1307,15 +1523,28 @@ int mm_grpc_server_new(const mm_grpc_options *o, mm_grpc_server **out, char *err
      * GRPC_POLL_STRATEGY in the environment still wins. */
     setenv("GRPC_POLL_STRATEGY", "poll", 0);
     grpc_init();
-    grpc_arg args[2];
+    /* the transport's limits: streams per connection (the calls one
+     * connection can have pending here), idle and old connections closed,
+     * request metadata bounded */
+    const struct {
+        const char *key;
+        int value;
+    } lim[] = {{GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, (int)o->max_message},
+               {GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, -1},
+               {GRPC_ARG_MAX_CONCURRENT_STREAMS, o->max_streams},
+               {GRPC_ARG_MAX_CONNECTION_IDLE_MS, o->idle_ms},
+               {GRPC_ARG_MAX_CONNECTION_AGE_MS, o->max_age_ms},
+               {GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, o->age_grace_ms},
+               {GRPC_ARG_MAX_METADATA_SIZE, 16 << 10}};
+    enum { N_ARGS = sizeof lim / sizeof *lim };
+    grpc_arg args[N_ARGS];
     memset(args, 0, sizeof args);
-    args[0].type = GRPC_ARG_INTEGER;
-    args[0].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
-    args[0].value.integer = (int)o->max_message;
-    args[1].type = GRPC_ARG_INTEGER;
-    args[1].key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
-    args[1].value.integer = -1;
-    grpc_channel_args ca = {2, args};
+    for (size_t i = 0; i < N_ARGS; i++) {
+        args[i].type = GRPC_ARG_INTEGER;
+        args[i].key = (char *)lim[i].key;
+        args[i].value.integer = lim[i].value;
+    }
+    grpc_channel_args ca = {N_ARGS, args};
     g->server = grpc_server_create(&ca, NULL);
     g->cq = grpc_completion_queue_create_for_next(NULL);
     grpc_server_register_completion_queue(g->server, g->cq, NULL);
@@ -1350,6 +1579,9 @@ int mm_grpc_server_new(const mm_grpc_options *o, mm_grpc_server **out, char *err
         free(g);
         return rc;
     }
+    if (o->audit)
+        s_audit_recover(g);
+    g->t_unauth_flush = mm_now_ms() + S_UNAUTH_INTERVAL_MS;
     grpc_server_start(g->server);
     for (int m = 0; m < M_COUNT; m++)
         for (int i = 0; i < S_LISTENERS; i++)
@@ -1409,6 +1641,8 @@ void mm_grpc_server_destroy(mm_grpc_server **gp) {
         return;
     }
     s_drain(g); /* token events of calls freed above: free them */
+    s_unauth_flush(g);
+    json_decref(g->unauth);
     pthread_mutex_destroy(&g->mu);
     free(g);
     *gp = NULL;

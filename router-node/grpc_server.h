@@ -27,9 +27,20 @@
  * it before it is freed. AskStream sends one AnswerChunk per drain's new
  * text (pieces that pile up while a send is in flight go out together: one
  * SEND_MESSAGE at a time), then the final chunk with the whole CaseAnswer,
- * then the status. Each case call ends with one audit record and one log
- * line (tenant, case id, method, status, ms); its state is freed in one
- * place.
+ * then the status (the pieces concatenate to the final answer exactly).
+ * Each admitted case leaves an "admitted" audit record (tenant, case id,
+ * method, client address) as it is admitted and an "end" record and one log
+ * line (status, tokens, ms) when it ends; at start the audit log's tail is
+ * scanned for cases a killed run never ended. Unauthenticated calls are
+ * counted per client address and written out as one record and one log line
+ * per address every 10 s. A call's state is freed in one place.
+ *
+ * Limits: the request's strings are checked first (request_check.h), then
+ * the quota is taken (a case refused later gives its cases_per_minute unit
+ * back); HTTP/2 streams per connection, idle and old connections are bounded
+ * by channel args; a send that makes no progress for write_timeout_ms
+ * cancels its call (a client that does not read frees its tenant's slot);
+ * after a burst of calls the freed heap goes back to the system.
  *
  *     mm_grpc_options o;  mm_grpc_options_default(&o);
  *     o.listen = "127.0.0.1:0";  o.sched = sched;  o.tenants = tenants;
@@ -59,16 +70,25 @@
 typedef struct mm_grpc_server mm_grpc_server;
 
 typedef struct mm_grpc_options {
-    const char *listen;            /* HOST:PORT; port 0 = ephemeral (see _port)        */
-    const char *tls_cert;          /* PEM server certificate chain file; NULL: plain   */
-    const char *tls_key;           /* PEM private key file (with tls_cert)             */
-    const char *tls_client_ca;     /* PEM CA file: require and verify client certs     */
-    size_t max_image_bytes;        /* image.data at most (default 20 MiB)              */
-    size_t max_question_bytes;     /* question at most (default 4096)                  */
-    int max_tokens_default;        /* options.max_tokens 0 means this (default 64)     */
-    int max_tokens_limit;          /* options.max_tokens at most (default 512)         */
-    size_t max_message;            /* gRPC receive limit, bytes (default 32 MiB)       */
-    size_t max_candidates;         /* ClassifyRequest.candidates at most (default 64)  */
+    const char *listen;        /* HOST:PORT; port 0 = ephemeral (see _port)        */
+    const char *tls_cert;      /* PEM server certificate chain file; NULL: plain   */
+    const char *tls_key;       /* PEM private key file (with tls_cert)             */
+    const char *tls_client_ca; /* PEM CA file: require and verify client certs     */
+    size_t max_image_bytes;    /* image.data at most (default 20 MiB)              */
+    size_t max_question_bytes; /* question at most (default 4096)                  */
+    int max_tokens_default;    /* options.max_tokens 0 means this (default 64)     */
+    int max_tokens_limit;      /* options.max_tokens at most (default 512)         */
+    size_t max_message;        /* gRPC receive limit, bytes (default 32 MiB)       */
+    size_t max_candidates;     /* ClassifyRequest.candidates at most (default 64)  */
+    /* Resource limits against hostile or broken clients (docs/ARCHITECTURE.md,
+     * "The gRPC front door"): */
+    int max_streams;               /* HTTP/2 streams at once per connection (default 100)   */
+    int idle_ms;                   /* close a connection idle this long (default 300000)     */
+    int max_age_ms;                /* close (GOAWAY) a connection this old (default 3600000) */
+    int age_grace_ms;              /* ... after its calls had this long to end (default 600000) */
+    int write_timeout_ms;          /* a send (answer, chunk, status) that makes no progress this
+                                      long: the client is not reading; its call is cancelled and
+                                      its tenant's slot freed (default 20000; 0: never)     */
     mm_sched *sched;               /* borrowed, started; must outlive every call (see top) */
     mm_tenants *tenants;           /* borrowed; quotas are taken and released here     */
     mm_audit *audit;               /* borrowed; NULL: no audit log                     */

@@ -102,6 +102,13 @@ static void usage(FILE *f) {
             "  --max-tokens-default N  max_tokens when a request gives 0 (default 64)\n"
             "  --max-tokens-limit N    max_tokens a request may ask (default 512)\n"
             "  --grpc-max-message N    gRPC receive limit, bytes (default 33554432)\n"
+            "  --grpc-max-streams N    HTTP/2 streams at once per connection (default 100)\n"
+            "  --grpc-idle-ms MS       close a connection idle this long (default 300000)\n"
+            "  --grpc-max-age-ms MS    close a connection this old, after 10 min of grace for\n"
+            "                          its calls (default 3600000)\n"
+            "  --grpc-write-timeout-ms MS  a client that reads nothing of its answer for MS\n"
+            "                          (HTTP/2 window shut) has its call cancelled and its\n"
+            "                          tenant's slot freed (default 20000; 0: never)\n"
             "\n"
             "Engine:\n"
             "  --image-workers N       threads that decode images and run the vision tower\n"
@@ -126,6 +133,7 @@ typedef struct router_args {
     const char *tls_cert, *tls_key, *tls_client_ca;
     int audit_fsync, slots, context, max_image_bytes, max_question_bytes, max_tokens_default;
     int max_tokens_limit, grpc_max_message;
+    int grpc_max_streams, grpc_idle_ms, grpc_max_age_ms, grpc_write_timeout_ms;
     /* engine */
     int image_workers, pixel_budget, debug_vision_delay_ms, jpeg_downscale;
     /* observability */
@@ -150,6 +158,10 @@ enum {
     O_MAX_TOKENS_DEFAULT,
     O_MAX_TOKENS_LIMIT,
     O_GRPC_MAX_MESSAGE,
+    O_GRPC_MAX_STREAMS,
+    O_GRPC_IDLE_MS,
+    O_GRPC_MAX_AGE_MS,
+    O_GRPC_WRITE_TIMEOUT_MS,
     O_METRICS_LISTEN,
     O_METRICS_PORT_FILE,
     O_LOG_FORMAT,
@@ -192,6 +204,10 @@ static int parse_args(int argc, char **argv, router_args *a) {
         {"max-tokens-default", required_argument, 0, O_MAX_TOKENS_DEFAULT},
         {"max-tokens-limit", required_argument, 0, O_MAX_TOKENS_LIMIT},
         {"grpc-max-message", required_argument, 0, O_GRPC_MAX_MESSAGE},
+        {"grpc-max-streams", required_argument, 0, O_GRPC_MAX_STREAMS},
+        {"grpc-idle-ms", required_argument, 0, O_GRPC_IDLE_MS},
+        {"grpc-max-age-ms", required_argument, 0, O_GRPC_MAX_AGE_MS},
+        {"grpc-write-timeout-ms", required_argument, 0, O_GRPC_WRITE_TIMEOUT_MS},
         {"metrics-listen", required_argument, 0, O_METRICS_LISTEN},
         {"metrics-port-file", required_argument, 0, O_METRICS_PORT_FILE},
         {"log-format", required_argument, 0, O_LOG_FORMAT},
@@ -213,6 +229,7 @@ static int parse_args(int argc, char **argv, router_args *a) {
     a->max_tokens_default = 64;
     a->max_tokens_limit = 512;
     a->grpc_max_message = 32 << 20;
+    a->grpc_write_timeout_ms = 20000;
     a->log_format = MM_LOG_TEXT;
     a->log_level = MM_LOG_INFO;
     a->image_workers = 1;
@@ -283,6 +300,19 @@ static int parse_args(int argc, char **argv, router_args *a) {
         case O_GRPC_MAX_MESSAGE:
             rc = mm_arg_int("medmoe-router", "--grpc-max-message", optarg, 1024,
                             &a->grpc_max_message);
+            break;
+        case O_GRPC_MAX_STREAMS:
+            rc = mm_arg_int("medmoe-router", "--grpc-max-streams", optarg, 1, &a->grpc_max_streams);
+            break;
+        case O_GRPC_IDLE_MS:
+            rc = mm_arg_int("medmoe-router", "--grpc-idle-ms", optarg, 1, &a->grpc_idle_ms);
+            break;
+        case O_GRPC_MAX_AGE_MS:
+            rc = mm_arg_int("medmoe-router", "--grpc-max-age-ms", optarg, 1, &a->grpc_max_age_ms);
+            break;
+        case O_GRPC_WRITE_TIMEOUT_MS:
+            rc = mm_arg_int("medmoe-router", "--grpc-write-timeout-ms", optarg, 0,
+                            &a->grpc_write_timeout_ms);
             break;
         case O_METRICS_LISTEN: a->metrics_listen = optarg; break;
         case O_METRICS_PORT_FILE: a->metrics_port_file = optarg; break;
@@ -373,6 +403,10 @@ static void s_options(const router_args *a, mm_router_options *o) {
     o->max_tokens_default = a->max_tokens_default;
     o->max_tokens_limit = a->max_tokens_limit;
     o->grpc_max_message = (size_t)a->grpc_max_message;
+    o->grpc_max_streams = a->grpc_max_streams;
+    o->grpc_idle_ms = a->grpc_idle_ms;
+    o->grpc_max_age_ms = a->grpc_max_age_ms;
+    o->grpc_write_timeout_ms = a->grpc_write_timeout_ms ? a->grpc_write_timeout_ms : -1;
     o->slots = a->slots;
     o->context = a->context;
     o->image_workers = a->image_workers;

@@ -489,6 +489,18 @@ static int s_run_grpc(mm_router *r) {
 
 /* ---- new / run / destroy -------------------------------------------------------- */
 
+/* The front door's resource limits given on the command line (0: default). */
+static void s_grpc_limits(const mm_router_options *o, mm_grpc_options *go) {
+    if (o->grpc_max_streams)
+        go->max_streams = o->grpc_max_streams;
+    if (o->grpc_idle_ms)
+        go->idle_ms = o->grpc_idle_ms;
+    if (o->grpc_max_age_ms)
+        go->max_age_ms = o->grpc_max_age_ms;
+    if (o->grpc_write_timeout_ms)
+        go->write_timeout_ms = o->grpc_write_timeout_ms < 0 ? 0 : o->grpc_write_timeout_ms;
+}
+
 /* The options and every file they name but the model: tenants, audit log,
  * TLS certificates, CURVE keys. */
 static int s_check_config(mm_router *r, char *err, size_t errlen) {
@@ -513,6 +525,7 @@ static int s_check_config(mm_router *r, char *err, size_t errlen) {
         go.tls_key = o->tls_key;
         go.tls_client_ca = o->tls_client_ca;
         go.max_message = o->grpc_max_message;
+        s_grpc_limits(o, &go);
         if ((rc = mm_grpc_check_options(&go, err, errlen)) != MM_OK)
             return rc;
         if (o->audit_log &&
@@ -690,6 +703,7 @@ static int s_start_grpc(mm_router *r, char *err, size_t errlen) {
     go.max_tokens_default = o->max_tokens_default;
     go.max_tokens_limit = o->max_tokens_limit;
     go.max_message = o->grpc_max_message;
+    s_grpc_limits(o, &go);
     go.sched = r->sched;
     go.tenants = r->tenants;
     go.audit = r->audit;

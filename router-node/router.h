@@ -69,6 +69,11 @@ typedef struct mm_router_options {
     int max_tokens_default;    /* default 64                                    */
     int max_tokens_limit;      /* default 512                                   */
     size_t grpc_max_message;   /* default 32 MiB                                */
+    /* 0: mm_grpc_options_default's (see grpc_server.h) */
+    int grpc_max_streams;      /* HTTP/2 streams at once per connection         */
+    int grpc_idle_ms;          /* close connections idle this long              */
+    int grpc_max_age_ms;       /* close connections this old (GOAWAY)           */
+    int grpc_write_timeout_ms; /* cancel a call whose client reads nothing this long; -1: never */
     /* the engine */
     int slots;                    /* KV-cache slots with gRPC (default 8)            */
     int context;                  /* positions per slot; 0: the model's maximum.

@@ -27,7 +27,11 @@ if(TARGET medmoe-router AND TARGET medmoe-expert AND TARGET medmoe AND TARGET me
   endif()
 
   # name | timeout (s) | extra fixtures (the Node client is checked where its modules are)
+  # | driver (default grpc_test.py; hostile_test.py: floods and stalled readers, the router's
+  # RSS measured before, at the peak and after, each held under a limit stated in that file)
   set(MM_GRPC_TESTS
+      "flood|180||hostile_test.py"
+      "stalled_reader|120||hostile_test.py"
       "python|60|"
       "cli|60|"
       "status_auth|90|"
@@ -41,6 +45,7 @@ if(TARGET medmoe-router AND TARGET medmoe-expert AND TARGET medmoe AND TARGET me
       "cancel|90|"
       "tls|120|${MM_GRPC_NODE_FIXTURE}"
       "audit|60|"
+      "audit_crash|90|"
       "robust|120|"
       "slow_image|120|"
       "slow_image_30s|180|"
@@ -54,11 +59,16 @@ if(TARGET medmoe-router AND TARGET medmoe-expert AND TARGET medmoe AND TARGET me
     list(GET spec 1 timeout)
     list(LENGTH spec n)
     set(extra "")
+    set(driver ${MM_GRPC_DRIVER})
     if(n GREATER 2)
       list(GET spec 2 extra)
     endif()
+    if(n GREATER 3)
+      list(GET spec 3 driver)
+      set(driver ${CMAKE_CURRENT_SOURCE_DIR}/grpc/${driver})
+    endif()
     add_test(NAME grpc_${name}
-             COMMAND ${MM_PYTHON} ${MM_GRPC_DRIVER} --scenario ${name}
+             COMMAND ${MM_PYTHON} ${driver} --scenario ${name}
                      --router $<TARGET_FILE:medmoe-router> --expert $<TARGET_FILE:medmoe-expert>
                      --run $<TARGET_FILE:medmoe-run> --cli $<TARGET_FILE:medmoe> ${MM_GRPC_KEYGEN}
                      --model ${MM_TEST_DATA}/tiny-stablelm-f32

@@ -8,6 +8,10 @@ door"), one scenario per ctest.
 Every scenario starts its own router (--grpc-listen 127.0.0.1:0) + experts on loopback
 (grpclib.GrpcCluster, on top of tests/distributed/distlib.py: process groups, bounded waits,
 cleanup, sanitizer reports) and compares answers with `medmoe-run --json` on the same case.
+
+Why one file of ~1,500 lines: every scenario is one ctest started by name through the same
+entry point, and they share the check helpers (answers, audit records, status codes); hostile
+traffic with memory measurements lives apart in hostile_test.py.
 """
 
 import argparse
@@ -732,8 +736,9 @@ def scenario_cancel(a):
             if e.code() != grpc.StatusCode.CANCELLED:
                 raise TestFailure("the cancelled stream ended with %s, want CANCELLED" % e.code().name)
         # The audit log records the cancelled case (server side status CANCELLED).
-        lines = wait_audit(audit, lambda recs: any(r.get("case_id") == "long" for r in recs), 5)
-        st = [r.get("status") for r in lines if r.get("case_id") == "long"]
+        lines = wait_audit(audit, lambda recs: any(r.get("case_id") == "long" and r.get("event") == "end"
+                                                   for r in recs), 5)
+        st = [r.get("status") for r in lines if r.get("case_id") == "long" and r.get("event") == "end"]
         if st != ["CANCELLED"]:
             raise TestFailure("audit log: case 'long' has statuses %s, want ['CANCELLED']" % st)
 
@@ -892,42 +897,69 @@ def scenario_audit(a):
         G.expect_code(lambda: c.ask(secret, image=b"not an image" * 20, media_type="image/png", case_id="au-bad",
                                     timeout=20), "INVALID_ARGUMENT", "audit: undecodable image")
         expect["au-bad"] = ("hospital-a", "Ask", "INVALID_ARGUMENT")
-        G.expect_code(lambda: cl.client("f" * 64).ask(secret, case_id="au-unauth", timeout=20), "UNAUTHENTICATED",
-                      "audit: unknown key")
-        # Rejected before its body is read: the record may carry an empty case id.
-        expect["au-unauth"] = (None, "Ask", "UNAUTHENTICATED")
+        # Unauthenticated calls: no per-call record; one "unauthenticated" record per client
+        # address per interval (written at the latest at shutdown), counting them.
+        bad = cl.client("f" * 64)
+        for k in range(5):
+            G.expect_code(lambda: bad.ask(secret, case_id="au-unauth", timeout=20), "UNAUTHENTICATED",
+                          "audit: unknown key (%d)" % k)
         G.expect_code(lambda: c.ask(secret, image=image, max_tokens=64, case_id="au-late", timeout=0.05),
                       "DEADLINE_EXCEEDED", "audit: a 50 ms deadline")
         expect["au-late"] = ("hospital-a", "Ask", "DEADLINE_EXCEEDED")
 
-        def unauth_as(r):
-            return "au-unauth" if r.get("status") == "UNAUTHENTICATED" and r.get("case_id") == "" else r.get("case_id")
+        def ends(rs):
+            return {r.get("case_id") for r in rs if r.get("event") == "end"}
 
-        recs = wait_audit(audit, lambda rs: {unauth_as(r) for r in rs} >= set(expect), 10)
+        recs = wait_audit(audit, lambda rs: ends(rs) >= set(expect), 10)
         cl.stop_router()  # SIGTERM: clean shutdown, the log flushed
         recs, text = read_audit(audit)
+        # one record per 10 s interval (a slow run may span two), together counting the 5 calls
+        unauth = [r for r in recs if r.get("event") == "unauthenticated"]
+        if not 1 <= len(unauth) <= 2 or sum(r.get("calls", 0) for r in unauth) != 5 \
+                or any(r.get("peer") != "ipv4:127.0.0.1" or set(r.get("methods", {})) != {"Ask"} for r in unauth):
+            raise TestFailure("audit log: unauthenticated records %s, want one (or two) for ipv4:127.0.0.1 counting "
+                              "5 Ask calls" % unauth)
+        if "au-unauth" in text:
+            raise TestFailure("audit log: an unauthenticated call's case id was written")
+        recs = [r for r in recs if r.get("event") != "unauthenticated"]
         if secret in text or "Zebra-quokka" in text or "7431 secret" in text:
             raise TestFailure("the audit log contains the question text:\n%s" % text[:2000])
         if len(ref["answer"]) >= 12 and ref["answer"] in text:
             raise TestFailure("the audit log contains the answer text %r" % ref["answer"])
         if t.key in text or t2.key in text:
             raise TestFailure("the audit log contains an API key")
-        by_id = {}
+        by_id, admitted = {}, {}
         for r in recs:
-            for k in ("time", "tenant", "case_id", "method", "status"):
+            for k in ("time", "event", "tenant", "case_id", "method", "peer") + (("status",) if r["event"] == "end" else ()):
                 if k not in r:
                     raise TestFailure("audit record without %r: %s" % (k, json.dumps(r)))
             if not re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$", str(r["time"])):
                 raise TestFailure("audit record time %r is not an RFC 3339 UTC time" % r["time"])
-            by_id.setdefault(unauth_as(r), []).append(r)
-        if len(recs) != len(expect):
-            raise TestFailure("audit log has %d lines for %d cases: %s" % (len(recs), len(expect),
-                                                                          [r.get("case_id") for r in recs]))
+            if not re.match(r"^ipv4:127\.0\.0\.1:\d+$", r["peer"]):
+                raise TestFailure("audit record peer %r, want the client's ipv4:127.0.0.1:PORT" % r["peer"])
+            if r["event"] == "admitted":
+                admitted.setdefault(r["case_id"], []).append(r)
+            elif r["event"] == "end":
+                by_id.setdefault(r["case_id"], []).append(r)
+            else:
+                raise TestFailure("audit record with event %r: %s" % (r["event"], json.dumps(r)))
+        if sum(map(len, by_id.values())) != len(expect):
+            raise TestFailure("audit log has %d end records for %d cases: %s"
+                              % (sum(map(len, by_id.values())), len(expect), sorted(by_id)))
         for cid, (tenant, method, status) in expect.items():
             rs = by_id.get(cid, [])
             if len(rs) != 1:
-                raise TestFailure("audit log: %d records for case %r, want 1" % (len(rs), cid))
+                raise TestFailure("audit log: %d end records for case %r, want 1" % (len(rs), cid))
             r = rs[0]
+            ad = admitted.get(cid, [])
+            if cid == "au-bad":  # refused at the front door (not PNG bytes): never admitted
+                if ad or "seq" in r:
+                    raise TestFailure("audit log: au-bad was refused before admission, records %s %s" % (ad, r))
+                continue
+            if len(ad) != 1 or (ad[0]["run"], ad[0]["seq"]) != (r.get("run"), r.get("seq")) \
+                    or ad[0]["tenant"] != r["tenant"] or recs.index(ad[0]) > recs.index(r):
+                raise TestFailure("audit log: case %r: admitted records %s do not match its end %s"
+                                  % (cid, ad, json.dumps(r)))
             if r["status"] != status or r["method"] != method:
                 raise TestFailure("audit log: case %r has method %r status %r, want %r %r"
                                   % (cid, r["method"], r["status"], method, status))
@@ -944,7 +976,65 @@ def scenario_audit(a):
         for k in ("queue_ms", "ttft_ms", "total_ms"):
             if not isinstance(r.get(k), (int, float)) or r[k] < 0:
                 raise TestFailure("audit log: au-ask %s = %r" % (k, r.get(k)))
-        log("audit log: %d lines, one per case, no question/answer/key text" % len(recs))
+        log("audit log: admitted + end per case, one aggregated unauthenticated record, no question/answer/key "
+            "text (%d lines)" % len(recs))
+
+
+def scenario_audit_crash(a):
+    """Cases in flight when the router is killed (-9) leave their "admitted" records (written as
+    each was admitted); the restarted router reports each as admitted and never finished, in its
+    log and as an "unfinished" audit record."""
+    with G.GrpcCluster(bins(a), a.workdir) as cl:
+        cl.image_path = a.image
+        t = cl.tenant("hospital-a", max_concurrent=8)
+        audit = os.path.join(cl.workdir, "audit.jsonl")
+        cl.start(a.model, router_extra=["--audit-log", audit], expert_extra=["--debug-delay-ms", "40"])
+        c = cl.client(t)
+        done = cl.client(t).ask(QUESTION, max_tokens=2, case_id="finished", timeout=60)
+        ids = ["crash-%d" % k for k in range(3)]
+        streams = [c.ask_stream(QUESTION, image=png(a), max_tokens=200, case_id=cid, timeout=120) for cid in ids]
+        for s in streams:  # each case has started streaming: admitted and in the scheduler
+            next(iter(s))
+
+        def admitted(rs):
+            return {r.get("case_id") for r in rs if r.get("event") == "admitted"}
+
+        wait_audit(audit, lambda rs: admitted(rs) >= set(ids), 10)
+        old = cl.router
+        old.kill()
+        log("router killed (-9) with %s in flight" % ids)
+        for s in streams:
+            s.cancel()
+        recs, _ = read_audit(audit)
+        ends = {r.get("case_id") for r in recs if r.get("event") == "end"}
+        if ends & set(ids) or "finished" not in ends or done.case_id != "finished":
+            raise TestFailure("audit log before the restart: end records for %s, want 'finished' and none of %s"
+                              % (sorted(ends), ids))
+        adm = {r["case_id"]: r for r in recs if r.get("event") == "admitted"}
+        cl.start(a.model, router_extra=["--audit-log", audit], expert_extra=["--debug-delay-ms", "40"])
+        recs = wait_audit(audit, lambda rs: {r.get("case_id") for r in rs if r.get("event") == "unfinished"}
+                          >= set(ids), 10)
+        unf = [r for r in recs if r.get("event") == "unfinished"]
+        if sorted(r["case_id"] for r in unf) != sorted(ids):
+            raise TestFailure("unfinished records for %s, want exactly %s" % ([r["case_id"] for r in unf], ids))
+        text = cl.router.log_text()
+        for r in unf:
+            want = adm[r["case_id"]]
+            if (r.get("run"), r.get("seq"), r.get("admitted_at"), r.get("peer"), r.get("tenant")) != \
+                    (want["run"], want["seq"], want["time"], want["peer"], want["tenant"]):
+                raise TestFailure("unfinished record %s does not match the admitted one %s" % (r, want))
+            line = "case '%s' (tenant hospital-a" % r["case_id"]
+            if line not in text or ("admitted at %s never finished" % want["time"]) not in text:
+                raise TestFailure("the restarted router's log does not say %r ... admitted at %s never finished:\n%s"
+                                  % (line, want["time"], text[-3000:]))
+        log("restart: %d cases admitted at %s never finished, logged and recorded"
+            % (len(unf), [adm[i]["time"] for i in ids]))
+        # the new run serves, and a clean stop leaves nothing unfinished of its own
+        good_case(cl, cl.client(t), png(a), "a case after the restart", case_id="after")
+        cl.stop_router()
+        recs, _ = read_audit(audit)
+        if [r for r in recs if r.get("event") == "unfinished"] != unf:
+            raise TestFailure("unfinished records changed after a clean stop")
 
 
 # ---- 7. robustness ---------------------------------------------------------------------------------
@@ -1263,7 +1353,7 @@ SCENARIOS = {
     "stream_contract": scenario_stream_contract,
     "status_unavailable": scenario_status_unavailable, "status_deadline": scenario_status_deadline,
     "tenants": scenario_tenants, "stream32": scenario_stream32, "cancel": scenario_cancel,
-    "tls": scenario_tls, "audit": scenario_audit, "robust": scenario_robust, "node_deps": scenario_node_deps,
+    "tls": scenario_tls, "audit": scenario_audit, "audit_crash": scenario_audit_crash, "robust": scenario_robust, "node_deps": scenario_node_deps,
     "slow_image": scenario_slow_image, "slow_image_30s": scenario_slow_image_30s, "one_engine": scenario_one_engine,
 }
 
