@@ -41,6 +41,10 @@ static void usage(FILE *f) {
                "  --json               print a JSON object: answer, token ids, experts per MoE\n"
                "                       layer and position, timings\n"
                "  --dump-logits FILE   write each step's logits (float32 [steps, vocab])\n"
+               "  --weights W          stored (default): weights as the checkpoint stores\n"
+               "                       them, used in place; f32: widened to f32 at load\n"
+               "                       (a copy: the numerics and speed baseline); int8:\n"
+               "                       decoder weights quantised at load (cpu only)\n"
                "  -h, --help           this text\n");
 }
 
@@ -48,6 +52,7 @@ typedef struct run_args {
     const char *model, *vision, *image, *question, *candidates, *backend, *conv_mode;
     const char *dump_logits;
     int max_tokens, max_tokens_given, json, no_pad;
+    mm_weights weights;
     float temperature, top_p;
     unsigned long long seed;
     size_t max_pixels;
@@ -69,6 +74,7 @@ static int parse_args(int argc, char **argv, run_args *a) {
                                          {"max-pixels", required_argument, 0, 'x'},
                                          {"json", no_argument, 0, 'j'},
                                          {"dump-logits", required_argument, 0, 'd'},
+                                         {"weights", required_argument, 0, 'w'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     memset(a, 0, sizeof *a);
@@ -102,6 +108,13 @@ static int parse_args(int argc, char **argv, run_args *a) {
         case 'x': a->max_pixels = (size_t)strtoull(optarg, &end, 10); break;
         case 'j': a->json = 1; break;
         case 'd': a->dump_logits = optarg; break;
+        case 'w':
+            if (mm_weights_parse(optarg, &a->weights) != 0) {
+                fprintf(stderr, "medmoe-run: --weights wants stored, f32 or int8, not '%s'\n",
+                        optarg);
+                return 2;
+            }
+            break;
         case 'h': usage(stdout); exit(0);
         default: usage(stderr); return 2;
         }
@@ -164,6 +177,7 @@ int main(int argc, char **argv) {
     mm_model_options mo;
     mm_model_options_default(&mo);
     mo.vision_dir = a.vision;
+    mo.weights = a.weights;
     if ((rc = mm_model_load(a.model, be, &mo, &m, err, sizeof err)) != MM_OK)
         goto fail;
     if ((rc = mm_tokenizer_load(a.model, &tok, err, sizeof err)) != MM_OK)

@@ -704,6 +704,7 @@ static int s_open(mm_expert *e, int *usage, char *err, size_t errlen) {
     mm_model_options_default(&mo);
     mo.load_trunk = 0;
     mo.experts_mask = 1ull << o->expert;
+    mo.weights = (mm_weights)o->weights;
     if ((rc = mm_model_load(o->model, e->be, &mo, &e->m, err, errlen)) != MM_OK)
         return rc;
     e->cfg = mm_model_config(e->m);
@@ -720,7 +721,8 @@ static int s_open(mm_expert *e, int *usage, char *err, size_t errlen) {
     if (snprintf(cfg_path, sizeof cfg_path, "%s/config.json", o->model) >= (int)sizeof cfg_path)
         return mm_errorf(err, errlen, MM_EINVAL, "%s: path too long", o->model);
     if ((rc = mm_fingerprint_expert(cfg_path, mm_model_checkpoint(e->m), e->cfg, o->expert,
-                                    o->fp_flags, e->fp, err, errlen)) != MM_OK)
+                                    o->fp_flags | MM_FINGERPRINT_WEIGHTS(o->weights), e->fp, err,
+                                    errlen)) != MM_OK)
         return rc;
     snprintf(e->backend, sizeof e->backend, "%s", mm_backend_describe(e->be));
     s_log(e, MM_LOG_INFO,

@@ -41,6 +41,7 @@ typedef struct mm_expert_options {
     int heartbeat_ms;              /* until the router's Welcome sets it (1000)           */
     int capacity;                  /* rows per batch accepted, more get BUSY; 0: no limit */
     unsigned fp_flags;             /* fingerprint mode (fingerprint.h), as the router's   */
+    int weights;                   /* mm_weights, as the router's (default stored)        */
     const char *curve_server_key;  /* CurveZMQ: file with the router's public key; NULL:
                                       plaintext (then curve_key is NULL too)             */
     const char *curve_key;         /* CurveZMQ: file with this expert's secret key        */

@@ -21,6 +21,7 @@
 #include "expert.h"
 #include "fingerprint.h"
 #include "log.h"
+#include "medmoe.h"
 #include "status.h"
 
 static volatile sig_atomic_t g_stop; /* set by SIGTERM/SIGINT; mm_expert_run checks it */
@@ -44,6 +45,7 @@ static void usage(FILE *f) {
                "  --capacity N             rows per batch accepted; more get BUSY (default 0:\n"
                "                           no limit)\n"
                "  --fingerprint full|headers  as the router's --fingerprint (default full)\n"
+               "  --weights stored|f32|int8   as the router's --weights (default stored)\n"
                "  --curve-server-key F     CurveZMQ: the router's public key\n"
                "  --curve-key F            CurveZMQ: this expert's secret key\n"
                "  --give-up-ms MS          exit 4 when no router welcomed us for MS (default 0:\n"
@@ -70,6 +72,7 @@ static int parse_args(int argc, char **argv, mm_expert_options *a) {
                                          {"heartbeat-ms", required_argument, 0, 'H'},
                                          {"capacity", required_argument, 0, 'c'},
                                          {"fingerprint", required_argument, 0, 'F'},
+                                         {"weights", required_argument, 0, 'W'},
                                          {"curve-server-key", required_argument, 0, 'S'},
                                          {"curve-key", required_argument, 0, 'k'},
                                          {"give-up-ms", required_argument, 0, 'g'},
@@ -100,6 +103,15 @@ static int parse_args(int argc, char **argv, mm_expert_options *a) {
                 rc = 2;
             }
             break;
+        case 'W': {
+            mm_weights w;
+            if (mm_weights_parse(optarg, &w) != 0) {
+                fprintf(stderr, "medmoe-expert: --weights wants stored, f32 or int8\n");
+                rc = 2;
+            }
+            a->weights = (int)w;
+            break;
+        }
         case 'S': a->curve_server_key = optarg; break;
         case 'k': a->curve_key = optarg; break;
         case 'g':

@@ -52,6 +52,10 @@ typedef struct mm_backend_ops {
      * storage is host-visible). Views never reach this. */
     int (*tensor_alloc)(void *ctx, mm_tensor *t);
     void (*tensor_free)(void *ctx, mm_tensor *t);
+    /* optional: give t the caller's host memory as storage, no copy (t is
+     * read-only; tensor_free is still called and must not free it). Without
+     * it, mm_tensor_new_host copies into tensor_alloc'd storage. */
+    int (*tensor_wrap)(void *ctx, mm_tensor *t, const void *host);
     /* Copy n bytes at byte offset off of root's storage (the front end has
      * already added a view's t->offset). Called after sync, never mid-queue. */
     int (*write)(void *ctx, mm_tensor *root, size_t off, const void *src, size_t n);

@@ -26,7 +26,10 @@
  * dimension ("rows" of a 2-D tensor), shape[ndim-1] the innermost. Weights
  * use the nn.Linear layout [out_features, in_features]. Activations are
  * fp32; weights may be fp32, fp16 or bf16 (ask mm_backend_weight_dtype()
- * which one a backend stores; mm_tensor_set converts on upload).
+ * which one a backend stores; mm_tensor_set converts on upload). Both
+ * backends compute f16 and bf16 weights as stored, accumulating in f32.
+ * Weights from a mapped checkpoint go through mm_tensor_new_host(): the cpu
+ * backend uses the mapping in place, vulkan copies it to the device.
  *
  * Ownership. A tensor belongs to the backend that made it and must be
  * destroyed before it. A view (mm_tensor_view_rows, mm_tensor_reshape)
@@ -48,11 +51,27 @@ typedef enum mm_dtype {
     MM_F16 = 1,  /* IEEE half                                  */
     MM_BF16 = 2, /* bfloat16: the top 16 bits of an fp32       */
     MM_I32 = 3,  /* indices, positions                         */
+    MM_Q8 = 4,   /* int8 weights, 2-D only: each row holds its K
+                    values as int8, zero-padded to a multiple of
+                    MM_Q8_BLOCK, then one f32 scale per block:
+                    w[n][k] = q[n][k] * scale[n][k / MM_Q8_BLOCK]
+                    (mm_q8_row_bytes). Made by mm_tensor_set from
+                    f32/f16/bf16 (symmetric, scale = max|w| / 127,
+                    round to nearest even). Matmul weights only.  */
     MM_DTYPE_COUNT
 } mm_dtype;
 
-const char *mm_dtype_name(mm_dtype t); /* "f32", "f16", "bf16", "i32" */
-size_t mm_dtype_size(mm_dtype t);      /* bytes per element            */
+#define MM_Q8_BLOCK 32
+
+const char *mm_dtype_name(mm_dtype t); /* "f32", "f16", "bf16", "i32", "q8" */
+size_t mm_dtype_size(mm_dtype t);      /* bytes per element (q8: 1, plus the
+                                          scales: use mm_q8_row_bytes)      */
+/* Bytes of one MM_Q8 row of k values: padded int8 values, then the scales. */
+size_t mm_q8_row_bytes(size_t k);
+/* Quantise k values of src (dtype st: f32/f16/bf16) into one MM_Q8 row. */
+void mm_q8_quantize_row(void *row, const void *src, mm_dtype st, size_t k);
+/* Dequantise one MM_Q8 row of k values into f32. */
+void mm_q8_dequantize_row(float *dst, const void *row, size_t k);
 
 typedef struct mm_backend mm_backend; /* opaque; see backend.h */
 
@@ -70,6 +89,8 @@ typedef struct mm_tensor {
                                   cpu), else NULL. Read it only after
                                   mm_backend_sync().                    */
     void *impl;                /* backend-private storage handle        */
+    int readonly;              /* caller's memory (mm_tensor_new_host):
+                                  mm_tensor_set refuses to write it     */
 } mm_tensor;
 
 /* ---- backends ------------------------------------------------------------ */
@@ -82,7 +103,9 @@ void mm_backend_destroy(mm_backend **be);
 const char *mm_backend_name(const mm_backend *be);     /* "cpu" / "vulkan"  */
 const char *mm_backend_describe(const mm_backend *be); /* device, driver... */
 const char *mm_backend_error(const mm_backend *be);    /* last error text   */
-/* The dtype this backend stores a weight of dtype t in (cpu: always f32). */
+/* The dtype this backend stores a weight of dtype t in: t itself for f32,
+ * f16 and bf16 on both backends (mm_tensor_new_host then wraps or copies
+ * without converting). */
 mm_dtype mm_backend_weight_dtype(const mm_backend *be, mm_dtype t);
 /* Largest single tensor the backend can allocate, in bytes (vulkan: the
  * device's maxStorageBufferRange). Callers split bigger weights by rows. */
@@ -97,6 +120,14 @@ int mm_tensor_new(mm_backend *be, mm_dtype dtype, int ndim, const size_t *shape,
 /* Safe with ops using t still enqueued: the backend keeps its storage until
  * they have run (the next sync), so callers free temporaries at once. */
 void mm_tensor_destroy(mm_tensor **t);
+/* A tensor holding host memory the caller keeps alive and unchanged until
+ * the tensor is destroyed (a weight in a mapped checkpoint), of dtype `src`.
+ * When the backend stores `src` as is and can compute from host memory
+ * (cpu), the tensor uses that memory in place and is read-only; otherwise it
+ * is a new tensor of mm_backend_weight_dtype(be, src) holding a converted
+ * copy. Either way it reads as the data. */
+int mm_tensor_new_host(mm_backend *be, mm_dtype src, int ndim, const size_t *shape,
+                       const void *host, mm_tensor **out);
 /* 2-D convenience: rows x cols. */
 int mm_tensor_new_2d(mm_backend *be, mm_dtype dtype, size_t rows, size_t cols, mm_tensor **out);
 

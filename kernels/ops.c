@@ -21,6 +21,7 @@ const char *mm_dtype_name(mm_dtype t) {
     case MM_F16: return "f16";
     case MM_BF16: return "bf16";
     case MM_I32: return "i32";
+    case MM_Q8: return "q8";
     default: return "?";
     }
 }
@@ -31,7 +32,43 @@ size_t mm_dtype_size(mm_dtype t) {
     case MM_F16: return 2;
     case MM_BF16: return 2;
     case MM_I32: return 4;
+    case MM_Q8: return 1;
     default: return 0;
+    }
+}
+
+size_t mm_q8_row_bytes(size_t k) {
+    size_t kp = (k + MM_Q8_BLOCK - 1) / MM_Q8_BLOCK * MM_Q8_BLOCK;
+    return kp + kp / MM_Q8_BLOCK * sizeof(float);
+}
+
+void mm_q8_quantize_row(void *row, const void *src, mm_dtype st, size_t k) {
+    size_t kp = (k + MM_Q8_BLOCK - 1) / MM_Q8_BLOCK * MM_Q8_BLOCK;
+    int8_t *q = row;
+    float v[MM_Q8_BLOCK];
+    for (size_t b = 0; b < kp / MM_Q8_BLOCK; b++) {
+        size_t k0 = b * MM_Q8_BLOCK, n = k - k0 < MM_Q8_BLOCK ? k - k0 : MM_Q8_BLOCK;
+        const char *s = (const char *)src + k0 * mm_dtype_size(st);
+        mm_convert_to_f32(v, s, st, n);
+        float amax = 0.0f;
+        for (size_t i = 0; i < n; i++)
+            amax = fabsf(v[i]) > amax ? fabsf(v[i]) : amax;
+        float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        /* Round to nearest even by the 1.5·2^23 trick (exactly nearbyintf
+         * for |x| <= 127, and inlined: libm's call was most of the load). */
+        for (size_t i = 0; i < MM_Q8_BLOCK; i++)
+            q[k0 + i] = i < n ? (int8_t)((v[i] * inv + 12582912.0f) - 12582912.0f) : 0;
+        memcpy((char *)row + kp + b * sizeof(float), &scale, sizeof scale);
+    }
+}
+
+void mm_q8_dequantize_row(float *dst, const void *row, size_t k) {
+    size_t kp = (k + MM_Q8_BLOCK - 1) / MM_Q8_BLOCK * MM_Q8_BLOCK;
+    const int8_t *q = row;
+    for (size_t i = 0; i < k; i++) {
+        float scale;
+        memcpy(&scale, (const char *)row + kp + i / MM_Q8_BLOCK * sizeof(float), sizeof scale);
+        dst[i] = (float)q[i] * scale;
     }
 }
 
@@ -185,7 +222,10 @@ static int s_set_shape(mm_backend *be, mm_tensor *t, mm_dtype dtype, int ndim,
             return mm_backend_fail(be, MM_EINVAL, "tensor: element count overflows");
     }
     size_t bytes;
-    if (!mm_size_mul(n, mm_dtype_size(dtype), &bytes))
+    if (dtype == MM_Q8 && ndim != 2)
+        return mm_backend_fail(be, MM_EINVAL, "tensor: q8 tensors are 2-D (weights)");
+    if (!mm_size_mul(dtype == MM_Q8 ? t->shape[0] : n,
+                     dtype == MM_Q8 ? mm_q8_row_bytes(t->shape[1]) : mm_dtype_size(dtype), &bytes))
         return mm_backend_fail(be, MM_EINVAL, "tensor: byte size overflows");
     t->dtype = dtype;
     t->ndim = ndim;
@@ -211,6 +251,33 @@ int mm_tensor_new(mm_backend *be, mm_dtype dtype, int ndim, const size_t *shape,
     if (rc == MM_OK) {
         t->be = be;
         rc = be->ops->tensor_alloc(be->ctx, t);
+    }
+    if (rc != MM_OK) {
+        free(t);
+        return rc;
+    }
+    *out = t;
+    return MM_OK;
+}
+
+int mm_tensor_new_host(mm_backend *be, mm_dtype src, int ndim, const size_t *shape,
+                       const void *host, mm_tensor **out) {
+    *out = NULL;
+    mm_dtype dt = src == MM_I32 ? MM_I32 : mm_backend_weight_dtype(be, src);
+    if (!be->ops->tensor_wrap || dt != src) {
+        int rc = mm_tensor_new(be, dt, ndim, shape, out);
+        if (rc == MM_OK && (rc = mm_tensor_set(*out, host, src)) != MM_OK)
+            mm_tensor_destroy(out);
+        return rc;
+    }
+    mm_tensor *t = calloc(1, sizeof *t);
+    if (!t)
+        return mm_backend_fail(be, MM_ENOMEM, "tensor: out of host memory");
+    int rc = s_set_shape(be, t, src, ndim, shape);
+    if (rc == MM_OK) {
+        t->be = be;
+        t->readonly = 1;
+        rc = be->ops->tensor_wrap(be->ctx, t, host);
     }
     if (rc != MM_OK) {
         free(t);
@@ -249,6 +316,7 @@ static int s_view(mm_tensor *t, size_t byte_off, int ndim, const size_t *shape, 
     v->parent = t;
     v->offset = t->offset + byte_off;
     v->impl = t->impl;
+    v->readonly = t->readonly;
     v->data = t->data ? (char *)t->data + byte_off : NULL;
     *out = v;
     return MM_OK;
@@ -309,15 +377,35 @@ int mm_tensor_set_rows(mm_tensor *t, size_t row0, size_t nrows, const void *src,
     if (row0 > t->shape[0] || nrows > t->shape[0] - row0)
         return mm_backend_fail(be, MM_EINVAL, "set_rows: rows [%zu, %zu+%zu) outside %s", row0,
                                row0, nrows, mm_tensor_str(t, s, sizeof s));
+    if (t->readonly)
+        return mm_backend_fail(be, MM_EINVAL,
+                               "set_rows: %s is read-only (it holds the caller's memory)",
+                               mm_tensor_str(t, s, sizeof s));
     if (nrows == 0)
         return MM_OK;
     size_t row_elems = t->nelem / t->shape[0];
     size_t n = nrows * row_elems;
-    size_t bytes = n * mm_dtype_size(t->dtype);
-    size_t off = t->offset + row0 * row_elems * mm_dtype_size(t->dtype);
+    size_t row_bytes = t->nbytes / t->shape[0];
+    size_t bytes = nrows * row_bytes;
+    size_t off = t->offset + row0 * row_bytes;
     int rc = be->ops->sync(be->ctx);
     if (rc != MM_OK)
         return rc;
+    if (t->dtype == MM_Q8 && src_dtype != MM_Q8) {
+        if (src_dtype != MM_F32 && src_dtype != MM_F16 && src_dtype != MM_BF16)
+            return mm_backend_fail(be, MM_EINVAL, "set: cannot quantise %s data into %s",
+                                   mm_dtype_name(src_dtype), mm_tensor_str(t, s, sizeof s));
+        char *q = malloc(bytes);
+        if (!q)
+            return mm_backend_fail(be, MM_ENOMEM, "set: out of host memory for %zu bytes", bytes);
+        for (size_t r = 0; r < nrows; r++)
+            mm_q8_quantize_row(q + r * row_bytes,
+                               (const char *)src + r * row_elems * mm_dtype_size(src_dtype),
+                               src_dtype, row_elems);
+        rc = be->ops->write(be->ctx, mm_tensor_root(t), off, q, bytes);
+        free(q);
+        return rc;
+    }
     if (src_dtype == t->dtype)
         return be->ops->write(be->ctx, mm_tensor_root(t), off, src, bytes);
     void *tmp = malloc(bytes);
@@ -354,7 +442,11 @@ int mm_tensor_get_f32(mm_tensor *t, float *dst) {
     if (!tmp)
         return mm_backend_fail(t->be, MM_ENOMEM, "get_f32: out of host memory");
     int rc = mm_tensor_get(t, tmp);
-    if (rc == MM_OK)
+    if (rc == MM_OK && t->dtype == MM_Q8) {
+        size_t rb = t->nbytes / t->shape[0], k = t->shape[1];
+        for (size_t r = 0; r < t->shape[0]; r++)
+            mm_q8_dequantize_row(dst + r * k, (const char *)tmp + r * rb, k);
+    } else if (rc == MM_OK)
         mm_convert_to_f32(dst, tmp, t->dtype, t->nelem);
     free(tmp);
     return rc;
@@ -375,6 +467,9 @@ static size_t s_rows(const mm_tensor *t) { return t->nelem / t->shape[t->ndim - 
 static size_t s_cols(const mm_tensor *t) { return t->shape[t->ndim - 1]; }
 
 static int s_run(mm_backend *be, const mm_op *op, const char *name) {
+    if ((op->dst && op->dst->readonly) || (op->dst2 && op->dst2->readonly))
+        return mm_backend_fail(be, MM_EINVAL,
+                               "%s: the output is a read-only tensor (the caller's memory)", name);
     if (be->ops->supports) {
         char why[256] = "";
         if (be->ops->supports(be->ctx, op, why, sizeof why) != MM_OK)
@@ -416,9 +511,9 @@ int mm_matmul(mm_backend *be, mm_tensor *out, const mm_tensor *x, const mm_tenso
     if (bias)
         CHECK_OWNED("matmul", bias);
     if (x->dtype != MM_F32 || out->dtype != MM_F32 || w->ndim != 2 ||
-        (w->dtype != MM_F32 && w->dtype != MM_F16 && w->dtype != MM_BF16))
+        (w->dtype != MM_F32 && w->dtype != MM_F16 && w->dtype != MM_BF16 && w->dtype != MM_Q8))
         return mm_backend_fail(be, MM_EINVAL,
-                               "matmul: want x f32, out f32, w 2-D f32/f16/bf16; got out %s, x "
+                               "matmul: want x f32, out f32, w 2-D f32/f16/bf16/q8; got out %s, x "
                                "%s, w %s",
                                S(out), S(x), S(w));
     if (s_cols(x) != w->shape[1] || s_rows(out) != s_rows(x) || s_cols(out) != w->shape[0])
@@ -663,8 +758,9 @@ int mm_get_rows(mm_backend *be, mm_tensor *out, const mm_tensor *src, const mm_t
     char sbuf[6][96];
     int nbuf = 0;
     CHECK_OWNED("get_rows", out, src, idx);
-    if (src->ndim != 2 || src->dtype == MM_I32 || out->dtype != MM_F32 || out->ndim != 2 ||
-        idx->dtype != MM_I32 || idx->nelem != out->shape[0] || out->shape[1] != src->shape[1])
+    if (src->ndim != 2 || src->dtype == MM_I32 || src->dtype == MM_Q8 || out->dtype != MM_F32 ||
+        out->ndim != 2 || idx->dtype != MM_I32 || idx->nelem != out->shape[0] ||
+        out->shape[1] != src->shape[1])
         return mm_backend_fail(be, MM_EINVAL,
                                "get_rows: want src [R, C] f32/f16/bf16, idx [n] i32, out [n, C] "
                                "f32; got src %s, idx %s, out %s",

@@ -33,6 +33,9 @@
 
 #define MM_FINGERPRINT_HEX MM_SHA256_HEX /* 64 hex digits + NUL */
 #define MM_FINGERPRINT_HEADERS_ONLY 1u   /* flag: names/dtypes/shapes, not bytes */
+/* How the weights are served (mm_weights, medmoe.h), hashed with the other
+ * flags: a router serving int8 never takes an expert serving bf16. */
+#define MM_FINGERPRINT_WEIGHTS(w) ((unsigned)(w) << 8)
 
 /* "full" -> 0, "headers" -> MM_FINGERPRINT_HEADERS_ONLY (the --fingerprint
  * option of router and expert); MM_EINVAL for anything else. */

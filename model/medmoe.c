@@ -120,6 +120,37 @@ typedef struct s_loader {
     size_t errlen;
 } s_loader;
 
+static const char *const s_weights_names[MM_WEIGHTS_COUNT] = {"stored", "f32", "int8"};
+
+const char *mm_weights_name(mm_weights w) {
+    return w >= 0 && w < MM_WEIGHTS_COUNT ? s_weights_names[w] : "?";
+}
+
+int mm_weights_parse(const char *s, mm_weights *out) {
+    for (int i = 0; s && i < MM_WEIGHTS_COUNT; i++)
+        if (strcmp(s, s_weights_names[i]) == 0) {
+            *out = (mm_weights)i;
+            return 0;
+        }
+    return -1;
+}
+
+/* A 2-D weight from the mapped checkpoint: in place (cpu) or copied in its
+ * dtype (vulkan) as stored; or a converted copy, f32 or (decoder weights
+ * only: `decoder`) int8, when the options ask for one. */
+static int s_weight_new(mm_model *m, int decoder, mm_dtype src, const size_t *shape,
+                        const void *data, mm_tensor **out) {
+    mm_dtype dt = m->opt.weights == MM_WEIGHTS_F32               ? MM_F32
+                  : m->opt.weights == MM_WEIGHTS_INT8 && decoder ? MM_Q8
+                                                                 : src;
+    if (dt == src)
+        return mm_tensor_new_host(m->be, src, 2, shape, data, out);
+    int rc = mm_tensor_new(m->be, dt, 2, shape, out);
+    if (rc == MM_OK && (rc = mm_tensor_set(*out, data, src)) != MM_OK)
+        mm_tensor_destroy(out);
+    return rc;
+}
+
 /* Upload tensor `name` of shape (d0[, d1]) as a new backend tensor. 2-D
  * weights keep the backend's weight dtype; vectors become f32. optional:
  * a missing tensor leaves *out NULL and is not an error. */
@@ -135,9 +166,11 @@ static int s_upload(s_loader *L, const char *name, size_t d0, size_t d1, int opt
     if (rc != MM_OK)
         return rc;
     mm_backend *be = L->m->be;
-    mm_dtype dt = ndim == 2 ? mm_backend_weight_dtype(be, st->dtype) : MM_F32;
-    rc = mm_tensor_new(be, dt, ndim, shape, out);
-    if (rc == MM_OK)
+    /* 2-D weights are used in place (cpu) or copied in their dtype (vulkan);
+     * vectors (norms, biases) are few and small, and the ops take them f32. */
+    if (ndim == 2)
+        rc = s_weight_new(L->m, L->ck == L->m->ck, st->dtype, shape, st->data, out);
+    else if ((rc = mm_tensor_new(be, MM_F32, ndim, shape, out)) == MM_OK)
         rc = mm_tensor_set(*out, st->data, st->dtype);
     if (rc != MM_OK) {
         mm_tensor_destroy(out);
@@ -377,9 +410,7 @@ static int s_load_vision(s_loader *L, const char *vision_dir) {
     if ((rc = mm_checkpoint_get(L->ck, name, 4, pshape, &st, L->err, L->errlen)) != MM_OK)
         return rc;
     size_t wshape[2] = {D, C * P * P};
-    if ((rc = mm_tensor_new(m->be, mm_backend_weight_dtype(m->be, st->dtype), 2, wshape,
-                            &v->patch_w)) != MM_OK ||
-        (rc = mm_tensor_set(v->patch_w, st->data, st->dtype)) != MM_OK)
+    if ((rc = s_weight_new(m, 0, st->dtype, wshape, st->data, &v->patch_w)) != MM_OK)
         return mm_errorf(L->err, L->errlen, rc, "%s: %s", name, mm_backend_error(m->be));
     snprintf(name, sizeof name, "%s.embeddings.class_embedding", prefix);
     size_t cshape[1] = {D};
@@ -475,7 +506,9 @@ static int s_load_head(s_loader *L) {
     if (rc != MM_OK)
         return rc;
     mm_dtype dt = mm_backend_weight_dtype(m->be, st->dtype);
-    size_t row_bytes = H * mm_dtype_size(dt);
+    size_t row_bytes = m->opt.weights == MM_WEIGHTS_INT8
+                           ? mm_q8_row_bytes(H)
+                           : H * mm_dtype_size(m->opt.weights == MM_WEIGHTS_F32 ? MM_F32 : dt);
     size_t max_rows = mm_backend_max_tensor_bytes(m->be) / row_bytes;
     if (max_rows == 0)
         return mm_errorf(L->err, L->errlen, MM_EUNSUPPORTED,
@@ -489,9 +522,9 @@ static int s_load_head(s_loader *L) {
     size_t src_row = H * mm_st_dtype_size(st->st_dtype);
     for (size_t i = 0; i < m->n_head; i++) {
         size_t r0 = i * m->head_rows, nr = V - r0 < m->head_rows ? V - r0 : m->head_rows;
-        if ((rc = mm_tensor_new_2d(m->be, dt, nr, H, &m->head[i])) != MM_OK ||
-            (rc = mm_tensor_set(m->head[i], (const char *)st->data + r0 * src_row, st->dtype)) !=
-                MM_OK)
+        size_t hshape[2] = {nr, H};
+        if ((rc = s_weight_new(m, 1, st->dtype, hshape, (const char *)st->data + r0 * src_row,
+                               &m->head[i])) != MM_OK)
             return mm_errorf(L->err, L->errlen, rc, "%s rows %zu..%zu: %s", hname, r0, r0 + nr,
                              mm_backend_error(m->be));
     }
@@ -538,6 +571,19 @@ int mm_model_load(const char *model_dir, mm_backend *be, const mm_model_options 
     if (m->opt.n_slots < 1)
         m->opt.n_slots = 1;
     snprintf(m->dir, sizeof m->dir, "%s", model_dir);
+    if (m->opt.weights < 0 || m->opt.weights >= MM_WEIGHTS_COUNT) {
+        int w = (int)m->opt.weights;
+        free(m);
+        return mm_errorf(err, errlen, MM_EINVAL, "model: unknown weights mode %d", w);
+    }
+    /* Ask, do not assume: only a backend that keeps q8 as q8 computes it. */
+    if (m->opt.weights == MM_WEIGHTS_INT8 && mm_backend_weight_dtype(be, MM_Q8) != MM_Q8) {
+        free(m);
+        return mm_errorf(err, errlen, MM_EUNSUPPORTED,
+                         "model: int8 weights need the cpu backend (the %s backend computes "
+                         "f32, f16 and bf16 weights only)",
+                         mm_backend_name(be));
+    }
     char path[1200];
     snprintf(path, sizeof path, "%s/config.json", model_dir);
     int rc = mm_config_load(path, &m->cfg, err, errlen);

@@ -39,6 +39,23 @@
 
 typedef struct mm_model mm_model;
 
+/* How the model holds its 2-D weights. */
+typedef enum mm_weights {
+    MM_WEIGHTS_STORED = 0, /* as the checkpoint stores them (bf16, f16, f32),
+                              used in place from the mapping on cpu         */
+    MM_WEIGHTS_F32 = 1,    /* widened to f32 at load: a private copy; the
+                              numerical and speed baseline                  */
+    MM_WEIGHTS_INT8 = 2,   /* the decoder's weights (attention, MLPs, experts,
+                              projector, LM head) quantised at load to int8
+                              with a scale per 32 values (MM_Q8); the vision
+                              tower stays as stored. cpu backend only       */
+    MM_WEIGHTS_COUNT
+} mm_weights;
+
+/* "stored", "f32", "int8"; parse returns 0 on success, -1 if unknown. */
+const char *mm_weights_name(mm_weights w);
+int mm_weights_parse(const char *s, mm_weights *out);
+
 typedef struct mm_model_options {
     const char *vision_dir; /* CLIP tower dir (config.json + safetensors); NULL:
                                the model has no vision part or it is inside
@@ -49,6 +66,7 @@ typedef struct mm_model_options {
     uint64_t experts_mask;  /* bit e: load routed expert e of every MoE layer  */
     int n_slots;            /* KV-cache slots = sequences in flight (>= 1)     */
     int max_ctx;            /* positions per slot; 0 = max_position_embeddings */
+    mm_weights weights;     /* how 2-D weights are held (below)                */
 } mm_model_options;
 
 /* load_trunk 1, all experts, 1 slot, max_ctx from the config. */

@@ -33,6 +33,7 @@
 #include "args.h"
 #include "fingerprint.h"
 #include "log.h"
+#include "medmoe.h"
 #include "router.h"
 #include "status.h"
 
@@ -94,6 +95,9 @@ static void usage(FILE *f) {
             "  --tls-cert F --tls-key F  serve TLS (PEM)\n"
             "  --tls-client-ca F       also require client certificates signed by F (mTLS)\n"
             "  --slots N               concurrent sequences in the scheduler (default 8)\n"
+            "  --weights W             stored (default: as the checkpoint stores them, used in\n"
+            "                          place), f32 (widened copy) or int8 (decoder weights\n"
+            "                          quantised at load; cpu). Experts must say the same\n"
             "  --context N             positions per sequence (prompt + answer; default the\n"
             "                          model's max_position_embeddings). The KV cache takes\n"
             "                          slots x N positions: lower it to fit more slots\n"
@@ -131,7 +135,8 @@ typedef struct router_args {
     /* gRPC front door */
     const char *grpc_listen, *grpc_port_file, *tenants, *audit_log;
     const char *tls_cert, *tls_key, *tls_client_ca;
-    int audit_fsync, slots, context, max_image_bytes, max_question_bytes, max_tokens_default;
+    int audit_fsync, slots, context, weights, max_image_bytes, max_question_bytes,
+        max_tokens_default;
     int max_tokens_limit, grpc_max_message;
     int grpc_max_streams, grpc_idle_ms, grpc_max_age_ms, grpc_write_timeout_ms;
     /* engine */
@@ -153,6 +158,7 @@ enum {
     O_TLS_CLIENT_CA,
     O_SLOTS,
     O_CONTEXT,
+    O_WEIGHTS,
     O_MAX_IMAGE,
     O_MAX_QUESTION,
     O_MAX_TOKENS_DEFAULT,
@@ -199,6 +205,7 @@ static int parse_args(int argc, char **argv, router_args *a) {
         {"tls-client-ca", required_argument, 0, O_TLS_CLIENT_CA},
         {"slots", required_argument, 0, O_SLOTS},
         {"context", required_argument, 0, O_CONTEXT},
+        {"weights", required_argument, 0, O_WEIGHTS},
         {"max-image-bytes", required_argument, 0, O_MAX_IMAGE},
         {"max-question-bytes", required_argument, 0, O_MAX_QUESTION},
         {"max-tokens-default", required_argument, 0, O_MAX_TOKENS_DEFAULT},
@@ -283,6 +290,15 @@ static int parse_args(int argc, char **argv, router_args *a) {
         case O_CONTEXT:
             rc = mm_arg_int("medmoe-router", "--context", optarg, 1, &a->context);
             break;
+        case O_WEIGHTS: {
+            mm_weights w;
+            if (mm_weights_parse(optarg, &w) != 0) {
+                fprintf(stderr, "medmoe-router: --weights wants stored, f32 or int8\n");
+                rc = 2;
+            }
+            a->weights = (int)w;
+            break;
+        }
         case O_MAX_IMAGE:
             rc = mm_arg_int("medmoe-router", "--max-image-bytes", optarg, 1, &a->max_image_bytes);
             break;
@@ -409,6 +425,7 @@ static void s_options(const router_args *a, mm_router_options *o) {
     o->grpc_write_timeout_ms = a->grpc_write_timeout_ms ? a->grpc_write_timeout_ms : -1;
     o->slots = a->slots;
     o->context = a->context;
+    o->weights = a->weights;
     o->image_workers = a->image_workers;
     o->pixel_budget = (size_t)a->pixel_budget;
     o->debug_vision_delay_ms = a->debug_vision_delay_ms;

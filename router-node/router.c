@@ -596,6 +596,7 @@ static int s_load_model(mm_router *r, char *err, size_t errlen) {
     if (o->grpc_listen)
         mo.n_slots = o->slots; /* one KV-cache slot per case in flight */
     mo.max_ctx = o->context;
+    mo.weights = (mm_weights)o->weights;
     if ((rc = mm_model_load(o->model, r->be, &mo, &r->m, err, errlen)) != MM_OK)
         return rc;
     if (o->context > mm_model_config(r->m)->max_position_embeddings)
@@ -616,8 +617,9 @@ static int s_load_model(mm_router *r, char *err, size_t errlen) {
     char cfg_path[4096];
     snprintf(cfg_path, sizeof cfg_path, "%s/config.json", o->model);
     for (int e = 0; e < r->n_experts; e++)
-        if ((rc = mm_fingerprint_expert(cfg_path, mm_model_checkpoint(r->m), cfg, e, o->fp_flags,
-                                        r->fps[e], err, errlen)) != MM_OK)
+        if ((rc = mm_fingerprint_expert(cfg_path, mm_model_checkpoint(r->m), cfg, e,
+                                        o->fp_flags | MM_FINGERPRINT_WEIGHTS(o->weights), r->fps[e],
+                                        err, errlen)) != MM_OK)
             return rc;
     if ((rc = mm_fingerprint_model(cfg_path, mm_model_checkpoint(r->m), o->fp_flags,
                                    (const char(*)[MM_FINGERPRINT_HEX])r->fps, r->n_experts,

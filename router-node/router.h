@@ -45,6 +45,7 @@ typedef struct mm_router_options {
     const char *bind;               /* ROUTER endpoint experts connect to (required)    */
     const char *endpoint_file;      /* write the bound endpoint there; NULL: no         */
     unsigned fp_flags;              /* expert fingerprint mode (fingerprint.h)           */
+    int weights;                    /* mm_weights: stored (default), f32, int8          */
     int wait_experts_ms;            /* before the first case, wait this long for every
                                        expert to have a live replica (default 0)       */
     int expert_wait_ms;             /* a step waits this long for a replica (5000)      */

@@ -18,9 +18,9 @@ foreach(name stablelm-f32 phi-f32 stablelm-f32-residual stablelm-f32-top2)
   set_tests_properties(scheduler_${name} PROPERTIES
                        FIXTURES_REQUIRED "tiny_${name};tiny_images"
                        LABELS "model;scheduler" TIMEOUT 300
-                       # one thread: on a shared 2-core box, spinning OpenMP
-                       # threads make each tiny step 10x slower
-                       ENVIRONMENT "OMP_NUM_THREADS=1;OPENBLAS_NUM_THREADS=1")
+                       # one thread: on a shared 2-core box, handing tiny ops
+                       # to another thread costs more than the ops
+                       ENVIRONMENT "MEDMOE_THREADS=1")
 endforeach()
 
 # The same on vulkan (lavapipe here): the vision tower runs on the engine
@@ -32,5 +32,5 @@ if(MEDMOE_VULKAN)
   set_tests_properties(scheduler_stablelm-f32_vulkan PROPERTIES
                        FIXTURES_REQUIRED "tiny_stablelm-f32;tiny_images"
                        LABELS "model;scheduler;vulkan" TIMEOUT 600
-                       ENVIRONMENT "MM_TEST_BACKEND=vulkan;OMP_NUM_THREADS=1;OPENBLAS_NUM_THREADS=1")
+                       ENVIRONMENT "MM_TEST_BACKEND=vulkan;MEDMOE_THREADS=1")
 endif()

@@ -3,7 +3,8 @@
 
     eval_vqa.py --run BUILD/model/medmoe-run --model DIR [--vision DIR] --data FILE
                 [--images DIR] [--format auto|jsonl|vqa-rad|slake|pathvqa] [--limit N]
-                [--max-tokens 8] [--expert-names ct,mri,x-ray,pathology] [--jobs 1]
+                [--max-tokens 8] [--weights stored|f32|int8]
+                [--expert-names ct,mri,x-ray,pathology] [--jobs 1]
                 [--json-out REPORT.json] [--min-closed-acc X]
 
 Data formats (--format auto looks at the file):
@@ -149,6 +150,8 @@ def load_items(path, fmt="auto", images=None):
 def run_one(args, item):
     cmd = [args.run, "--model", args.model, "--vision", args.vision, "--image", item["image"],
            "--question", item["question"], "--max-tokens", str(args.max_tokens), "--json"]
+    if args.weights:
+        cmd += ["--weights", args.weights]
     env = dict(os.environ)
     env.setdefault("MEDMOE_THREADS", "1")
     p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
@@ -252,6 +255,8 @@ def main(argv=None):
     ap.add_argument("--format", default="auto", choices=("auto", "jsonl", "vqa-rad", "slake", "pathvqa"))
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--weights", default=None, choices=("stored", "f32", "int8"),
+                    help="medmoe-run --weights (default: its own, stored)")
     ap.add_argument("--expert-names", default=None)
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--json-out", default=None)

@@ -16,7 +16,8 @@ DIR/<name>/ and reused while its maker arguments are unchanged):
          (576 image tokens + CLS), layers: --clip-layers (default 4 of the real 24;
          mm_vision_select_layer -2, so the last one is loaded but not run).
 
-medmoe-run: --backend cpu --json, OMP_NUM_THREADS = OPENBLAS_NUM_THREADS = --threads; its
+medmoe-run: --backend cpu --json, MEDMOE_THREADS = --threads, once with the weights as
+stored (bf16, used in place) and once with --weights f32 (widened at load: the baseline); its
 own timings (load_ms, vision_ms = decode + preprocess + CLIP + projector, prefill_ms,
 decode_ms_per_token with the KV cache). Time to first token = vision_ms + prefill_ms.
 Reference: torch.set_num_threads(--threads), fp32 math (bf16 upcast at load); vision =
@@ -83,19 +84,80 @@ def ensure_image(a):
     return p
 
 
-def run_engine(a, ckpt, image):
-    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), OPENBLAS_NUM_THREADS=str(a.threads))
+def run_engine(a, ckpt, image, weights="stored"):
+    env = dict(os.environ, MEDMOE_THREADS=str(a.threads))
     argv = [a.run, "--model", ckpt, "--vision", os.path.join(ckpt, "clip"), "--image", image,
             "--question", QUESTION, "--max-tokens", str(a.max_tokens), "--backend", "cpu",
-            "--json"]
-    t0 = time.time()
-    p = subprocess.run(argv, capture_output=True, env=env)
-    wall = time.time() - t0
+            "--weights", weights, "--json"]
+    import tempfile
+    with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
+        t0 = time.time()
+        p = subprocess.Popen(argv, stdout=fo, stderr=fe, env=env)
+        _, status, ru = os.wait4(p.pid, 0)  # rusage of this child alone: its peak RSS
+        p.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.time() - t0
+        fo.seek(0)
+        fe.seek(0)
+        out_b, err_b = fo.read(), fe.read()
+    rss_kb = ru.ru_maxrss
     if p.returncode != 0:
-        raise RuntimeError("medmoe-run failed (%d): %s" % (p.returncode, p.stderr.decode()[-2000:]))
-    out = json.loads(p.stdout)
+        raise RuntimeError("medmoe-run failed (%d): %s" % (p.returncode, err_b.decode()[-2000:]))
+    out = json.loads(out_b)
     out["wall_s"] = wall
+    out["peak_rss_mb"] = rss_kb / 1024 if rss_kb else None
     return out
+
+
+def st_header(path):
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n))
+
+
+def weight_bytes(ckpt):
+    """(bytes of all tensors, bytes a decode step reads): every decoder tensor except the
+    routed experts, plus one routed expert per MoE layer (top-1), plus the LM head."""
+    hdrs = {}
+    for fn in os.listdir(ckpt):
+        if fn.endswith(".safetensors"):
+            hdrs.update({k: v for k, v in st_header(os.path.join(ckpt, fn)).items()
+                         if k != "__metadata__"})
+    total = per_tok = 0
+    for name, t in hdrs.items():
+        b = t["data_offsets"][1] - t["data_offsets"][0]
+        total += b
+        if name == "model.embed_tokens.weight":
+            continue  # a lookup reads one row (unless tied: then it is the head, below)
+        if ".deepspeed_moe.experts.deepspeed_experts." in name:
+            if ".deepspeed_experts.0." in name:
+                per_tok += b
+            continue
+        per_tok += b
+    if "lm_head.weight" not in hdrs and "model.embed_tokens.weight" in hdrs:
+        t = hdrs["model.embed_tokens.weight"]
+        per_tok += t["data_offsets"][1] - t["data_offsets"][0]
+    return total, per_tok
+
+
+def read_bandwidth(threads):
+    """GB/s of reading a 1 GiB buffer with `threads` threads (numpy sums release the GIL)."""
+    try:
+        import numpy as np
+        import threading
+        buf = np.ones(1 << 28, dtype=np.float32)  # 1 GiB, touched
+        parts = np.array_split(buf, threads)
+        best = 0.0
+        for _ in range(3):
+            ts = [threading.Thread(target=np.sum, args=(p_,)) for p_ in parts]
+            t0 = time.perf_counter()
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            best = max(best, buf.nbytes / (time.perf_counter() - t0) / 1e9)
+        return best
+    except Exception:
+        return None
 
 
 def run_reference(a, ckpt, image):
@@ -144,6 +206,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--no-ref", action="store_true", help="skip the PyTorch reference")
+    ap.add_argument("--no-f32", action="store_true",
+                    help="skip the --weights f32 run (the widened baseline)")
     a = ap.parse_args()
     if not os.path.exists(a.run):
         print("bench/model: %s not built" % a.run)
@@ -152,15 +216,27 @@ def main():
     ckpt = ensure_checkpoint(a)
     image = ensure_image(a)
 
-    e = run_engine(a, ckpt, image)
+    e = run_engine(a, ckpt, image, "stored")
+    f = None
+    if not a.no_f32:
+        try:
+            f = run_engine(a, ckpt, image, "f32")
+        except Exception as ex:  # a benchmark prints, never fails
+            print("bench/model: medmoe-run --weights f32 failed: %s" % ex)
     n_tok = len(e["tokens"])
     print("bench/model: StableLM-2-1.6B dims (hidden 2048, inter 5632, 32x64 heads, vocab 100352),"
           " %d of 24 layers (MoE 4+meta top-1 on %s), bf16; CLIP ViT-L/14-336 dims, %d of 24"
           " layers; prompt %d positions (%d image); %d threads"
           % (a.layers, ",".join(str(i) for i in range(0, a.layers, 2)), a.clip_layers,
              e["prompt_len"], e["image_len"], a.threads))
+    la = os.getloadavg()
+    print("bench/model: host %d CPUs, load average %.2f %.2f %.2f (other work on the host slows "
+          "every column alike)" % ((os.cpu_count() or 0,) + la))
     print("bench/model: medmoe-run generated %d tokens, %s backend, process wall %.1f s"
           % (n_tok, e.get("backend", "?"), e["wall_s"]))
+    if f and f["tokens"] != e["tokens"]:
+        print("bench/model: note: --weights f32 generated other tokens (%s vs %s)"
+              % (f["tokens"][:8], e["tokens"][:8]))
     r = None
     if not a.no_ref:
         try:
@@ -174,23 +250,45 @@ def main():
             print("bench/model: note: first token differs (engine %d, reference %d; bf16 random "
                   "weights, near-ties possible)" % (e["tokens"][0], r["first"]))
 
-    e_ttft = e["vision_ms"] + e["prefill_ms"]
-    e_dec = e["decode_ms_per_token"] if n_tok > 1 else None
-    rows = [("load (weights)", e["load_ms"], r and r["load_ms"]),
-            ("vision (preproc+CLIP+proj)", e["vision_ms"], r and r["vision_ms"]),
-            ("prefill (%d positions)" % e["prompt_len"], e["prefill_ms"], r and r["prefill_ms"]),
-            ("time to first token", e_ttft, r and r["vision_ms"] + r["prefill_ms"]),
-            ("decode, per token", e_dec, r and r["decode_ms"])]
-    print("bench/model: %-28s %14s %18s %9s" % ("", "medmoe-run cpu", "PyTorch reference",
-                                                "ref/ours"))
-    for name, ours, ref in rows:
-        ratio = "%.2fx" % (ref / ours) if ours and ref else "-"
-        print("bench/model: %-28s %14s %18s %9s" % (name, fmt_ms(ours), fmt_ms(ref), ratio))
-    tps = 1e3 / e_dec if e_dec else None
-    rtps = 1e3 / r["decode_ms"] if r else None
-    print("bench/model: %-28s %14s %18s %9s" % (
-        "decode tokens/s", "%.2f" % tps if tps else "-", "%.3f" % rtps if rtps else "-",
-        "%.2fx" % (tps / rtps) if tps and rtps else "-"))
+    def ttft(x):
+        return x["vision_ms"] + x["prefill_ms"]
+
+    def dec(x):
+        return x["decode_ms_per_token"] if x and len(x["tokens"]) > 1 else None
+
+    rows = [("load (weights)", "load_ms"), ("vision (preproc+CLIP+proj)", "vision_ms"),
+            ("prefill (%d positions)" % e["prompt_len"], "prefill_ms"),
+            ("time to first token", ttft), ("decode, per token", dec)]
+    print("bench/model: %-28s %14s %14s %18s" % ("", "stored (bf16)", "f32 (widened)",
+                                                 "PyTorch reference"))
+    for name, key in rows:
+        get = key if callable(key) else (lambda x, k=key: x[k] if x else None)
+        rv = None
+        if r:
+            rv = {"load_ms": r["load_ms"], "vision_ms": r["vision_ms"],
+                  "prefill_ms": r["prefill_ms"]}.get(key if isinstance(key, str) else "", None)
+            if key is ttft:
+                rv = r["vision_ms"] + r["prefill_ms"]
+            if key is dec:
+                rv = r["decode_ms"]
+        print("bench/model: %-28s %14s %14s %18s" % (name, fmt_ms(get(e)), fmt_ms(get(f) if f else None),
+                                                     fmt_ms(rv)))
+    print("bench/model: %-28s %14s %14s" % (
+        "peak RSS", "%.0f MB" % e["peak_rss_mb"] if e.get("peak_rss_mb") else "-",
+        "%.0f MB" % f["peak_rss_mb"] if f and f.get("peak_rss_mb") else "-"))
+    tps = 1e3 / dec(e) if dec(e) else None
+    ftps = 1e3 / dec(f) if f and dec(f) else None
+    print("bench/model: %-28s %14s %14s" % ("decode tokens/s", "%.2f" % tps if tps else "-",
+                                            "%.2f" % ftps if ftps else "-"))
+    total, per_tok = weight_bytes(ckpt)
+    bw = read_bandwidth(a.threads)
+    if bw:
+        lim = bw * 1e9 / per_tok
+        print("bench/model: memory read bandwidth %.1f GB/s (%d threads, 1 GiB, numpy); a decode "
+              "step reads %.2f GB of bf16 weights (of %.2f GB): limit %.1f tokens/s in bf16, "
+              "%.1f in f32; medmoe-run bf16 at %s of its limit"
+              % (bw, a.threads, per_tok / 1e9, total / 1e9, lim, lim / 2,
+                 "%.0f %%" % (100 * tps / lim) if tps else "-"))
     print("bench/model: reference decode = one full forward over prompt+1 (the oracle has no KV "
           "cache); ours = KV-cache step, mean over %d steps" % max(n_tok - 1, 0))
     return 0

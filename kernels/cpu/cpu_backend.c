@@ -1,16 +1,22 @@
-/* cpu_backend.c — the cpu backend: host memory, OpenBLAS for matmul and for
- * attention over runs of prefill rows, plain C loops (OpenMP over rows,
- * tokens and heads) for everything else.
+/* cpu_backend.c — the cpu backend: host memory, the kernels of cpu_matmul.c
+ * for matmul, OpenBLAS for attention over runs of prefill rows, plain C
+ * loops for everything else, all spread over the threads of cpu_pool.c
+ * (which sleep when idle; see cpu_pool.h for why not OpenMP).
  *
  * Every op is computed at once inside run_op, so sync() has nothing to do.
  * The front end (ops.c) has validated shapes and dtypes; what only the data
  * can reveal (an index or a cache position out of range) is checked here,
  * before anything is written, and reported as MM_EINVAL naming the op.
  *
- * Weights. weight_dtype() is always f32: mm_tensor_set widens f16/bf16 at
- * upload, so the hot path is a plain cblas_sgemm. A caller may still hand
- * matmul an f16/bf16 weight tensor; it is then widened per call in blocks of
- * rows (slow, bounded scratch memory, same result as an f32 upload).
+ * Weights stay in their checkpoint dtype (f32, f16, bf16): weight_dtype()
+ * keeps each, and mm_tensor_new_host() wraps the caller's memory (the mapped
+ * checkpoint) without a copy, so RSS holds only the pages a process touches
+ * and processes mapping one file share them in the page cache.
+ *
+ * Memory. Tensors of MM_CPU_MMAP_MIN bytes or more (KV caches, activations
+ * of long prompts) are anonymous mappings: zero without a memset, and a page
+ * costs memory only once written, so a KV cache sized for the model's whole
+ * context holds only the positions cases have reached.
  *
  *     mm_backend *be;  char err[256];
  *     if (mm_cpu_backend_new(&be, err, sizeof err) != MM_OK) { ... }
@@ -19,54 +25,89 @@
 #include <cblas.h>
 #include <limits.h>
 #include <math.h>
-#include <omp.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "../backend.h"
+#include "cpu_matmul.h"
+#include "cpu_pool.h"
 
-/* Elementwise loops below this many elements stay on one thread: forking
- * the OpenMP team costs more than the work. */
+/* Loops below this many elements stay on the calling thread: handing work
+ * to the pool costs more than it. */
 #define S_PAR_MIN 32768
 
-/* Scratch budget when widening an f16/bf16 weight for one matmul call. */
-#define S_WIDEN_BYTES ((size_t)4 << 20)
+/* Tensors from this size up are anonymous mappings (see the top). */
+#define MM_CPU_MMAP_MIN ((size_t)1 << 20)
 
 typedef struct s_cpu {
-    char describe[256]; /* "cpu: OpenBLAS ..., N threads" */
+    char describe[320]; /* "cpu: avx512 kernels, 2 threads, OpenBLAS ..." */
+    mm_pool *pool;      /* the threads every op spreads over */
+    mm_cpu_isa isa;     /* the matmul kernels' path */
 } s_cpu;
 
 /* ---- backend housekeeping ------------------------------------------------ */
 
-static void s_destroy(void *ctx) { free(ctx); }
+static void s_destroy(void *ctx) {
+    s_cpu *c = ctx;
+    mm_pool_destroy(&c->pool);
+    free(c);
+}
 
 static const char *s_describe(void *ctx) { return ((s_cpu *)ctx)->describe; }
 
-static mm_dtype s_weight_dtype(void *ctx, mm_dtype t) { return MM_F32; }
+/* Every weight dtype is computed as stored (cpu_matmul.c widens in registers). */
+static mm_dtype s_weight_dtype(void *ctx, mm_dtype t) {
+    return t == MM_F16 || t == MM_BF16 || t == MM_Q8 ? t : MM_F32;
+}
 
 static size_t s_max_tensor_bytes(void *ctx) { return SIZE_MAX / 2; }
 
+static size_t s_map_len(const mm_tensor *t) {
+    size_t pg = (size_t)sysconf(_SC_PAGESIZE);
+    return (t->nbytes + pg - 1) / pg * pg;
+}
+
 static int s_tensor_alloc(void *ctx, mm_tensor *t) {
-    /* 64 B: a cache line and an AVX-512 vector; aligned_alloc wants a size
-     * that is a multiple of the alignment. */
-    size_t n = (t->nbytes + 63) & ~(size_t)63;
-    void *p = aligned_alloc(64, n);
+    void *p;
+    if (t->nbytes >= MM_CPU_MMAP_MIN) {
+        p = mmap(NULL, s_map_len(t), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED)
+            p = NULL;
+    } else {
+        /* 64 B: a cache line and an AVX-512 vector; aligned_alloc wants a
+         * size that is a multiple of the alignment. Zeroed, so a fresh
+         * accumulator never holds garbage. */
+        size_t n = (t->nbytes + 63) & ~(size_t)63;
+        if ((p = aligned_alloc(64, n)))
+            memset(p, 0, n);
+    }
     if (!p) {
         char s[96];
         return mm_backend_fail(t->be, MM_ENOMEM, "tensor: out of host memory for %s (%zu bytes)",
                                mm_tensor_str(t, s, sizeof s), t->nbytes);
     }
-    /* Zeroed, so a fresh KV cache or accumulator never holds garbage. */
-    memset(p, 0, n);
     t->impl = p;
     t->data = p;
     return MM_OK;
 }
 
+/* The caller's memory as is: impl stays NULL, so free has nothing to do. */
+static int s_tensor_wrap(void *ctx, mm_tensor *t, const void *host) {
+    t->impl = NULL;
+    t->data = (void *)host;
+    return MM_OK;
+}
+
 static void s_tensor_free(void *ctx, mm_tensor *t) {
-    free(t->impl);
+    if (t->impl && t->nbytes >= MM_CPU_MMAP_MIN)
+        munmap(t->impl, s_map_len(t));
+    else
+        free(t->impl);
     t->impl = NULL;
     t->data = NULL;
 }
@@ -110,16 +151,7 @@ static int s_check_seq(const char *name, mm_backend *be, const mm_tensor *seq,
 
 /* ---- matmul -------------------------------------------------------------- */
 
-/* out[M, nb] (row stride ldo) = x[M, K] · w[nb, K]ᵀ + beta·out. */
-static void s_gemm(size_t M, size_t nb, size_t K, const float *x, const float *w, float *out,
-                   size_t ldo, float beta) {
-    if (M == 1)
-        cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)nb, (int)K, 1.0f, w, (int)K, x, 1, beta, out,
-                    1);
-    else
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, (int)nb, (int)K, 1.0f, x,
-                    (int)K, w, (int)K, beta, out, (int)ldo);
-}
+static s_cpu *s_ctx(const mm_op *op) { return op->dst->be->ctx; }
 
 static int s_matmul(const mm_op *op) {
     mm_backend *be = op->dst->be;
@@ -129,62 +161,55 @@ static int s_matmul(const mm_op *op) {
     if (M > INT_MAX || N > INT_MAX || K > INT_MAX)
         return mm_backend_fail(be, MM_EUNSUPPORTED,
                                "matmul: M %zu, N %zu or K %zu exceeds the BLAS int range", M, N, K);
-    /* The bias is preloaded into out and the product added with beta = 1. */
-    float beta = 0.0f;
-    if (bias) {
+    /* The bias is preloaded into out and the product added to it. */
+    if (bias)
         for (size_t m = 0; m < M; m++)
             memcpy(out + m * N, bias->data, N * sizeof(float));
-        beta = 1.0f;
-    }
-    if (w->dtype == MM_F32) {
-        s_gemm(M, N, K, s_f(x), s_f(w), out, N, beta);
-        return MM_OK;
-    }
-    /* Slow path: widen blocks of weight rows into scratch, each block a
-     * column band of out. */
-    size_t nb = S_WIDEN_BYTES / (K * sizeof(float));
-    if (nb == 0)
-        nb = 1;
-    if (nb > N)
-        nb = N;
-    float *tmp = malloc(nb * K * sizeof(float));
-    if (!tmp)
+    s_cpu *c = s_ctx(op);
+    if (mm_cpu_matmul(c->pool, c->isa, M, N, K, s_f(x), w->data, w->dtype, out, bias != NULL) !=
+        MM_OK)
         return mm_backend_fail(be, MM_ENOMEM, "matmul: out of memory widening a %s weight",
                                mm_dtype_name(w->dtype));
-    const uint16_t *wh = w->data;
-    for (size_t n0 = 0; n0 < N; n0 += nb) {
-        size_t n = N - n0 < nb ? N - n0 : nb;
-        mm_convert_to_f32(tmp, wh + n0 * K, w->dtype, n * K);
-        s_gemm(M, n, K, s_f(x), tmp, out + n0, N, beta);
-    }
-    free(tmp);
     return MM_OK;
 }
 
 /* ---- elementwise --------------------------------------------------------- */
 
-static int s_binary(const mm_op *op) {
+/* Each op below is a range function over elements or rows, and a wrapper
+ * that spreads it over the pool (the op itself is the range's argument). */
+static void s_for(const mm_op *op, size_t n, size_t grain, mm_pool_range_fn fn) {
+    mm_pool_for(s_ctx(op)->pool, n, grain ? grain : 1, fn, (void *)op);
+}
+
+static void s_binary_r(void *vp, size_t i0, size_t i1) {
+    const mm_op *op = vp;
     const mm_tensor *a = op->src[0], *b = op->src[1];
     const float *pa = s_f(a), *pb = s_f(b);
     float *po = s_f(op->dst);
-    size_t n = a->nelem, cols = s_cols(a);
-    int bcast = b->nelem != n; /* b is one row, repeated over a's rows */
+    size_t cols = s_cols(a);
+    int bcast = b->nelem != a->nelem; /* b is one row, repeated over a's rows */
     int add = op->type == MM_OP_ADD;
-#pragma omp parallel for if (n >= S_PAR_MIN)
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = i0; i < i1; i++) {
         float bv = pb[bcast ? i % cols : i];
         po[i] = add ? pa[i] + bv : pa[i] * bv;
     }
+}
+
+static int s_binary(const mm_op *op) {
+    s_for(op, op->src[0]->nelem, S_PAR_MIN, s_binary_r);
     return MM_OK;
 }
 
-static int s_scale(const mm_op *op) {
+static void s_scale_r(void *vp, size_t i0, size_t i1) {
+    const mm_op *op = vp;
     const float *x = s_f(op->src[0]);
     float *o = s_f(op->dst), s = op->f[0];
-    size_t n = op->src[0]->nelem;
-#pragma omp parallel for if (n >= S_PAR_MIN)
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = i0; i < i1; i++)
         o[i] = x[i] * s;
+}
+
+static int s_scale(const mm_op *op) {
+    s_for(op, op->src[0]->nelem, S_PAR_MIN, s_scale_r);
     return MM_OK;
 }
 
@@ -201,37 +226,43 @@ static float s_unary1(mm_unary_op u, float x) {
     }
 }
 
-static int s_unary(const mm_op *op) {
+static void s_unary_r(void *vp, size_t i0, size_t i1) {
+    const mm_op *op = vp;
     const float *x = s_f(op->src[0]);
     float *o = s_f(op->dst);
-    size_t n = op->src[0]->nelem;
     mm_unary_op u = (mm_unary_op)op->i[0];
-#pragma omp parallel for if (n >= S_PAR_MIN / 4)
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = i0; i < i1; i++)
         o[i] = s_unary1(u, x[i]);
+}
+
+static int s_unary(const mm_op *op) {
+    s_for(op, op->src[0]->nelem, S_PAR_MIN / 4, s_unary_r);
     return MM_OK;
 }
 
-static int s_swiglu(const mm_op *op) {
+static void s_swiglu_r(void *vp, size_t i0, size_t i1) {
+    const mm_op *op = vp;
     const float *g = s_f(op->src[0]), *u = s_f(op->src[1]);
     float *o = s_f(op->dst);
-    size_t n = op->src[0]->nelem;
-#pragma omp parallel for if (n >= S_PAR_MIN / 4)
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = i0; i < i1; i++)
         o[i] = g[i] * s_sigmoid(g[i]) * u[i];
+}
+
+static int s_swiglu(const mm_op *op) {
+    s_for(op, op->src[0]->nelem, S_PAR_MIN / 4, s_swiglu_r);
     return MM_OK;
 }
 
 /* ---- row-wise: norms, softmax -------------------------------------------- */
 
-static int s_layernorm(const mm_op *op) {
+static void s_layernorm_r(void *vp, size_t r0, size_t r1) {
+    const mm_op *op = vp;
     const mm_tensor *x = op->src[0];
     const float *w = op->src[1] ? s_f(op->src[1]) : NULL;
     const float *b = op->src[2] ? s_f(op->src[2]) : NULL;
     float eps = op->f[0];
-    size_t R = s_rows(x), C = s_cols(x);
-#pragma omp parallel for if (R * C >= S_PAR_MIN)
-    for (size_t r = 0; r < R; r++) {
+    size_t C = s_cols(x);
+    for (size_t r = r0; r < r1; r++) {
         const float *xr = s_f(x) + r * C;
         float *o = s_f(op->dst) + r * C;
         /* Two passes (mean, then squared deviations): no cancellation when
@@ -254,16 +285,26 @@ static int s_layernorm(const mm_op *op) {
             o[c] = v;
         }
     }
+}
+
+/* Rows in ranges of at least S_PAR_MIN elements. */
+static void s_rows_for(const mm_op *op, mm_pool_range_fn fn) {
+    const mm_tensor *x = op->src[0];
+    s_for(op, s_rows(x), S_PAR_MIN / s_cols(x), fn);
+}
+
+static int s_layernorm(const mm_op *op) {
+    s_rows_for(op, s_layernorm_r);
     return MM_OK;
 }
 
-static int s_rmsnorm(const mm_op *op) {
+static void s_rmsnorm_r(void *vp, size_t r0, size_t r1) {
+    const mm_op *op = vp;
     const mm_tensor *x = op->src[0];
     const float *w = op->src[1] ? s_f(op->src[1]) : NULL;
     float eps = op->f[0];
-    size_t R = s_rows(x), C = s_cols(x);
-#pragma omp parallel for if (R * C >= S_PAR_MIN)
-    for (size_t r = 0; r < R; r++) {
+    size_t C = s_cols(x);
+    for (size_t r = r0; r < r1; r++) {
         const float *xr = s_f(x) + r * C;
         float *o = s_f(op->dst) + r * C;
         float ss = 0.0f;
@@ -273,6 +314,10 @@ static int s_rmsnorm(const mm_op *op) {
         for (size_t c = 0; c < C; c++)
             o[c] = xr[c] * inv * (w ? w[c] : 1.0f);
     }
+}
+
+static int s_rmsnorm(const mm_op *op) {
+    s_rows_for(op, s_rmsnorm_r);
     return MM_OK;
 }
 
@@ -292,29 +337,33 @@ static void s_softmax_row(float *v, size_t n) {
         v[i] *= inv;
 }
 
-static int s_softmax(const mm_op *op) {
+static void s_softmax_r(void *vp, size_t r0, size_t r1) {
+    const mm_op *op = vp;
     const mm_tensor *x = op->src[0];
-    size_t R = s_rows(x), C = s_cols(x);
-#pragma omp parallel for if (R * C >= S_PAR_MIN)
-    for (size_t r = 0; r < R; r++) {
+    size_t C = s_cols(x);
+    for (size_t r = r0; r < r1; r++) {
         float *o = s_f(op->dst) + r * C;
         if (o != s_f(x) + r * C)
             memcpy(o, s_f(x) + r * C, C * sizeof(float));
         s_softmax_row(o, C);
     }
+}
+
+static int s_softmax(const mm_op *op) {
+    s_rows_for(op, s_softmax_r);
     return MM_OK;
 }
 
 /* ---- rope, kv cache, attention ------------------------------------------- */
 
-static int s_rope(const mm_op *op) {
+static void s_rope_r(void *vp, size_t t0, size_t t1) {
+    const mm_op *op = vp;
     mm_tensor *x = op->dst;
     const int32_t *seq = s_i(op->src[0]);
-    size_t T = s_rows(x), H = (size_t)op->i[0], hd = (size_t)op->i[1];
+    size_t H = (size_t)op->i[0], hd = (size_t)op->i[1];
     size_t half = (size_t)op->i[2] / 2;
     float theta = op->f[0];
-#pragma omp parallel for if (T * H * half >= S_PAR_MIN / 8)
-    for (size_t t = 0; t < T; t++) {
+    for (size_t t = t0; t < t1; t++) {
         float pos = (float)seq[2 * t + 1];
         for (size_t h = 0; h < H; h++) {
             float *v = s_f(x) + t * H * hd + h * hd;
@@ -330,6 +379,11 @@ static int s_rope(const mm_op *op) {
             }
         }
     }
+}
+
+static int s_rope(const mm_op *op) {
+    size_t per_row = (size_t)op->i[0] * (size_t)(op->i[2] / 2) + 1;
+    s_for(op, s_rows(op->dst), S_PAR_MIN / 8 / per_row, s_rope_r);
     return MM_OK;
 }
 
@@ -367,9 +421,9 @@ static int s_kv_store(const mm_op *op) {
  * query cannot reuse a key, so it is bound by reading the cache and a
  * vectorised dot product is all it needs.
  *
- * Both are spread over heads and blocks with OpenMP; each sgemm then runs
- * on one BLAS thread (a pthreads OpenBLAS would otherwise start its own
- * threads inside every call, fighting OpenMP's for the cores). */
+ * Both are spread over heads and blocks by the pool; each sgemm runs on one
+ * BLAS thread (the backend sets OpenBLAS to one thread: its own threads
+ * would fight the pool's for the cores, and spin). */
 
 /* Query rows per block: large enough for sgemm to run near its peak, small
  * enough that the masked triangle (S_ATT_BLOCK² / 2 dot products per block)
@@ -512,6 +566,32 @@ static void s_att_block(const s_att *a, const s_att_blk *b, size_t h, float *sc)
                 (int)n, vb, (int)a->kw, 0.0f, a->o + b->t0 * a->qw + h * hd, (int)a->qw);
 }
 
+/* The pool's tasks: first (block, head) pairs, largest blocks (last in a
+ * causal chunk) first so the run ends on small pieces; then (row, head)
+ * pairs four at a time. Each task has its own scratch for the scores. */
+typedef struct s_att_job {
+    const s_att *a;
+    const s_att_blk *blk;
+    const size_t *lone;
+    size_t nblk, nbt, nlt, need, H;
+    int oom;
+} s_att_job;
+
+static void s_att_task(void *vp, size_t t) {
+    s_att_job *j = vp;
+    float *sc = malloc(j->need * sizeof(float));
+    if (!sc) {
+        __atomic_store_n(&j->oom, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    if (t < j->nbt)
+        s_att_block(j->a, &j->blk[j->nblk - 1 - t / j->H], t % j->H, sc);
+    else
+        for (size_t i = (t - j->nbt) * 4; i < (t - j->nbt) * 4 + 4 && i < j->nlt; i++)
+            s_att_row(j->a, j->lone[i / j->H], i % j->H, sc);
+    free(sc);
+}
+
 static int s_attention(const mm_op *op) {
     mm_backend *be = op->dst->be;
     const mm_tensor *q = op->src[0], *kc = op->src[1], *vc = op->src[2], *seq = op->src[3];
@@ -569,36 +649,9 @@ static int s_attention(const mm_op *op) {
     /* Per-thread scratch: the scores of one block or of one lone row. */
     size_t need = S_ATT_BLOCK * nmax_blk > nmax_lone ? S_ATT_BLOCK * nmax_blk : nmax_lone;
     size_t nbt = nblk * H, nlt = nlone * H;
-    /* Only a pthreads OpenBLAS threads inside a call made from an OpenMP
-     * team; an OpenMP one already runs such calls on one thread (and its
-     * openblas_set_num_threads would also change OpenMP's own count). */
-    int blas_nt = 0;
-    if (nbt > 0 && openblas_get_parallel() == 1) {
-        blas_nt = openblas_get_num_threads();
-        openblas_set_num_threads(1);
-    }
-    int oom = 0;
-#pragma omp parallel if (nbt + nlt > 1)
-    {
-        float *sc = malloc(need * sizeof(float));
-        if (!sc) {
-#pragma omp atomic write
-            oom = 1;
-        }
-        /* Largest blocks (last in a causal chunk) first, so the dynamic
-         * schedule ends on small pieces. */
-#pragma omp for schedule(dynamic, 1) nowait
-        for (size_t i = 0; i < nbt; i++)
-            if (sc)
-                s_att_block(&a, &blk[nblk - 1 - i / H], i % H, sc);
-#pragma omp for schedule(dynamic, 4)
-        for (size_t i = 0; i < nlt; i++)
-            if (sc)
-                s_att_row(&a, lone[i / H], i % H, sc);
-        free(sc);
-    }
-    if (blas_nt > 0)
-        openblas_set_num_threads(blas_nt);
+    s_att_job job = {&a, blk, lone, nblk, nbt, nlt, need, H, 0};
+    mm_pool_run(s_ctx(op)->pool, nbt + (nlt + 3) / 4, s_att_task, &job);
+    int oom = job.oom;
     free(blk);
     free(lone);
     if (oom)
@@ -681,12 +734,12 @@ static int s_scatter_add(const mm_op *op) {
     return MM_OK;
 }
 
-static int s_im2col(const mm_op *op) {
+static void s_im2col_r(void *vp, size_t r0, size_t r1) {
+    const mm_op *op = vp;
     const mm_tensor *img = op->src[0];
     size_t Cn = img->shape[0], H = img->shape[1], W = img->shape[2], P = (size_t)op->i[0];
-    size_t gw = W / P, np = (H / P) * gw, pw = Cn * P * P;
-#pragma omp parallel for if (np * pw >= S_PAR_MIN)
-    for (size_t r = 0; r < np; r++) {
+    size_t gw = W / P, pw = Cn * P * P;
+    for (size_t r = r0; r < r1; r++) {
         size_t py = r / gw, px = r % gw;
         float *o = s_f(op->dst) + r * pw;
         for (size_t c = 0; c < Cn; c++)
@@ -694,6 +747,11 @@ static int s_im2col(const mm_op *op) {
                 memcpy(o + (c * P + ky) * P, s_f(img) + (c * H + py * P + ky) * W + px * P,
                        P * sizeof(float));
     }
+}
+
+static int s_im2col(const mm_op *op) {
+    size_t P = (size_t)op->i[0], pw = op->src[0]->shape[0] * P * P;
+    s_for(op, op->dst->shape[0], S_PAR_MIN / pw + 1, s_im2col_r);
     return MM_OK;
 }
 
@@ -729,6 +787,7 @@ static const mm_backend_ops s_cpu_ops = {
     .max_tensor_bytes = s_max_tensor_bytes,
     .tensor_alloc = s_tensor_alloc,
     .tensor_free = s_tensor_free,
+    .tensor_wrap = s_tensor_wrap,
     .write = s_write,
     .read = s_read,
     .sync = s_sync,
@@ -745,29 +804,38 @@ int mm_cpu_backend_new(mm_backend **out, char *err, size_t errlen) {
         free(c);
         return mm_errorf(err, errlen, MM_ENOMEM, "cpu backend: out of host memory");
     }
-    /* MEDMOE_THREADS caps OpenMP and OpenBLAS threads. Several medmoe
-     * processes on one host (router + experts) each default to every core;
-     * their spinning worker threads then fight over the cores and decode
-     * slows 2-4x (bench/distributed measured it): the cluster launcher sets
-     * this per process. Thread counts are process-wide by nature. */
+    /* MEDMOE_THREADS: threads of this backend (default: the cores this
+     * process may run on). Several medmoe processes on one host (router +
+     * experts) should share the cores between them: the cluster launcher
+     * sets it per process. MEDMOE_CPU_ISA forces a kernel path. */
+    cpu_set_t cs;
+    long n = sched_getaffinity(0, sizeof cs, &cs) == 0 ? CPU_COUNT(&cs) : 1;
     const char *nt = getenv("MEDMOE_THREADS");
+    int rc = MM_OK;
     if (nt && *nt) {
         char *end;
-        long n = strtol(nt, &end, 10);
-        if (*end || n < 1 || n > 1024) {
-            free(be);
-            free(c);
-            return mm_errorf(err, errlen, MM_EINVAL,
-                             "cpu backend: MEDMOE_THREADS='%s' is not a thread count (1..1024)",
-                             nt);
-        }
-        omp_set_num_threads((int)n);
-        openblas_set_num_threads((int)n);
+        n = strtol(nt, &end, 10);
+        if (*end || n < 1 || n > 1024)
+            rc = mm_errorf(err, errlen, MM_EINVAL,
+                           "cpu backend: MEDMOE_THREADS='%s' is not a thread count (1..1024)", nt);
     }
+    if (rc == MM_OK)
+        rc = mm_cpu_isa_pick(getenv("MEDMOE_CPU_ISA"), &c->isa, err, errlen);
+    if (rc == MM_OK)
+        rc = mm_pool_new((int)n, &c->pool, err, errlen);
+    if (rc != MM_OK) {
+        free(be);
+        free(c);
+        return rc;
+    }
+    /* OpenBLAS runs inside the pool's tasks: on one thread each, so its own
+     * threads never start (nor spin). Process-wide, like any BLAS setting. */
+    openblas_set_num_threads(1);
     const char *cfg = openblas_get_config();
     snprintf(c->describe, sizeof c->describe,
-             "cpu: %d OpenMP threads, %s (core %s, %d BLAS threads)", omp_get_max_threads(),
-             cfg ? cfg : "?", openblas_get_corename(), openblas_get_num_threads());
+             "cpu: %s kernels, %d threads (idle threads sleep), OpenBLAS %s (core %s)",
+             mm_cpu_isa_name(c->isa), mm_pool_threads(c->pool), cfg ? cfg : "?",
+             openblas_get_corename());
     be->ops = &s_cpu_ops;
     be->ctx = c;
     *out = be;

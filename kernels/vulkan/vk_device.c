@@ -294,7 +294,8 @@ static void s_destroy(void *ctx) {
 static const char *s_describe_cb(void *ctx) { return ((mm_vk *)ctx)->desc; }
 
 /* f16 and bf16 weights are read packed in uints by the shaders. */
-static mm_dtype s_weight_dtype(void *ctx, mm_dtype t) { return t; }
+/* f32, f16, bf16 as stored; no shader takes q8 (int8 weights are cpu-only). */
+static mm_dtype s_weight_dtype(void *ctx, mm_dtype t) { return t == MM_Q8 ? MM_F32 : t; }
 
 static size_t s_max_tensor_bytes(void *ctx) {
     mm_vk *vk = ctx;

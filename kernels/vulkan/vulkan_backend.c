@@ -434,6 +434,8 @@ int mm_vk_supports(void *ctx, const mm_op *op, char *why, size_t len) {
         return mm_errorf(why, len, MM_EUNSUPPORTED,
                          "attention head_dim %d over 256 (shader keeps 4 dims per thread of 64)",
                          op->i[2]);
+    if (op->type == MM_OP_MATMUL && op->src[1]->dtype == MM_Q8)
+        return mm_errorf(why, len, MM_EUNSUPPORTED, "matmul: q8 weights (cpu backend only)");
     if (op->type == MM_OP_MATMUL && op->src[1]->shape[0] > 65535u * 65535u)
         return mm_errorf(why, len, MM_EUNSUPPORTED, "matmul: too many output columns");
     return MM_OK;

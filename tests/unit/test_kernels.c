@@ -213,14 +213,78 @@ static void matmul_case(tc *c, size_t M, size_t N, size_t K, mm_dtype dt, int us
     free(x), free(w), free(wr), free(b), free(got), free(wh), free(ref), free(sc);
 }
 
+/* int8 weights (MM_Q8), where the backend keeps them: the quantiser against
+ * the rule written here (per 32 values: scale = max|w| / 127, q = w / scale
+ * rounded to nearest even), then matmul against the double reference on the
+ * dequantised weights, with the f32 tolerance (the weights are exact). */
+static void matmul_q8_case(tc *c, size_t M, size_t N, size_t K, int use_bias) {
+    char what[128];
+    snprintf(what, sizeof what, "matmul M=%zu N=%zu K=%zu w q8%s", M, N, K,
+             use_bias ? " +bias" : "");
+    float *x = xmalloc(M * K * 4), *w = xmalloc(N * K * 4), *wq = xmalloc(N * K * 4);
+    float *b = xmalloc(N * 4), *got = xmalloc(M * N * 4), *back = xmalloc(N * K * 4);
+    double *ref = xmalloc(M * N * 8), *sc = xmalloc(M * N * 8), *wd = xmalloc(N * K * 8);
+    fill(c, x, M * K, -1, 1);
+    fill(c, w, N * K, -1, 1);
+    fill(c, b, N, -1, 1);
+    for (size_t n = 0; n < N; n++)
+        for (size_t k0 = 0; k0 < K; k0 += 32) {
+            size_t k1 = k0 + 32 < K ? k0 + 32 : K;
+            float amax = 0;
+            for (size_t k = k0; k < k1; k++)
+                amax = fabsf(w[n * K + k]) > amax ? fabsf(w[n * K + k]) : amax;
+            float s = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0;
+            for (size_t k = k0; k < k1; k++)
+                wq[n * K + k] = nearbyintf(w[n * K + k] * inv) * s;
+        }
+    mm_tensor *xt = tput(c, x, 2, M, K, 0), *wt = tn(c, MM_Q8, 2, N, K, 0);
+    mm_tensor *bt = use_bias ? tput(c, b, 1, N, 0, 0) : NULL, *ot = tn(c, MM_F32, 2, M, N, 0);
+    put(c, wt, w, MM_F32);
+    if (ran(c, mm_tensor_get_f32(wt, back), "q8 dequantise")) {
+        for (size_t i = 0; i < N * K; i++)
+            wd[i] = wq[i];
+        cmp(c, "q8 quantiser (dequantised back)", back, wd, NULL, N * K, 0.0, 0.0);
+    }
+    for (size_t m = 0; m < M; m++)
+        for (size_t n = 0; n < N; n++) {
+            double s = use_bias ? b[n] : 0, a = use_bias ? fabs(b[n]) : 0;
+            for (size_t k = 0; k < K; k++) {
+                s += (double)x[m * K + k] * wq[n * K + k];
+                a += fabs((double)x[m * K + k] * wq[n * K + k]);
+            }
+            ref[m * N + n] = s;
+            sc[m * N + n] = a;
+        }
+    if (ran(c, mm_matmul(c->be, ot, xt, wt, bt), what)) {
+        get(c, ot, got);
+        cmp(c, what, got, ref, sc, M * N, 1e-6, 2.0 * (double)K * FLT_EPSILON);
+    }
+    mm_tensor_destroy(&xt);
+    mm_tensor_destroy(&wt);
+    mm_tensor_destroy(&bt);
+    mm_tensor_destroy(&ot);
+    free(x), free(w), free(wq), free(b), free(got), free(back), free(ref), free(sc), free(wd);
+}
+
 static void test_matmul(tc *c) {
-    static const size_t sz[][3] = {
-        {1, 37, 100}, {1, 129, 577}, {7, 100, 37}, {33, 129, 100}, {577, 37, 129}};
+    /* Rows 1-5, 16 and 17 cross the cpu backend's streaming kernels (blocks
+     * of 4, 2 and 1 rows of x, up to 16 rows) and its sgemm path; K 1, 17,
+     * 33 leave tails after 8- and 16-wide vectors; N 5, 9, 41 after blocks
+     * of 4 weight rows. */
+    static const size_t sz[][3] = {{1, 37, 100}, {1, 129, 577},  {2, 41, 33},   {3, 5, 17},
+                                   {4, 9, 1},    {5, 100, 129},  {7, 100, 37},  {16, 37, 100},
+                                   {17, 41, 33}, {33, 129, 100}, {577, 37, 129}};
     static const mm_dtype dts[] = {MM_F32, MM_F16, MM_BF16};
     for (size_t i = 0; i < sizeof sz / sizeof sz[0]; i++)
         for (int d = 0; d < 3; d++)
             for (int bias = 0; bias < 2; bias++)
                 matmul_case(c, sz[i][0], sz[i][1], sz[i][2], dts[d], bias, 0);
+    if (mm_backend_weight_dtype(c->be, MM_Q8) == MM_Q8) {
+        static const size_t qs[][3] = {{1, 37, 100}, {2, 41, 33},  {3, 5, 17},
+                                       {4, 9, 1},    {5, 100, 64}, {17, 41, 129}};
+        for (size_t i = 0; i < sizeof qs / sizeof qs[0]; i++)
+            matmul_q8_case(c, qs[i][0], qs[i][1], qs[i][2], (int)(i & 1));
+    }
     /* A weight tensor whose dtype is not the backend's weight dtype (on
      * cpu: f16/bf16 tensors, widened per call). */
     for (int d = 1; d < 3; d++)
