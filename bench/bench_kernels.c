@@ -110,8 +110,11 @@ static double s_time_blas(s_fn fn, mm_args *a, double budget) {
  * prefill path today). The activations are rounded to bf16 here: a
  * different precision contract (the default path keeps f32 activations). */
 static void s_bench_onednn(double budget) {
-    static const int shapes[][3] = {{704, 5632, 2048}, {704, 2048, 5632}, {704, 2048, 2048},
-                                    {577, 4096, 1024}, {577, 1024, 4096}}; /* M, N, K */
+    static const int shapes[][3] = {{704, 5632, 2048},
+                                    {704, 2048, 5632},
+                                    {704, 2048, 2048},
+                                    {577, 4096, 1024},
+                                    {577, 1024, 4096}}; /* M, N, K */
     dnnl_engine_t eng;
     dnnl_stream_t st;
     if (dnnl_engine_create(&eng, dnnl_cpu, 0) != dnnl_success ||
@@ -155,8 +158,7 @@ static void s_bench_onednn(double budget) {
             dnnl_memory_create(&C, &c_md, eng, o) != dnnl_success) {
             printf("  %5d %5d %5d oneDNN setup failed\n", M, N, K);
         } else {
-            dnnl_exec_arg_t args[3] = {
-                {DNNL_ARG_SRC, A}, {DNNL_ARG_WEIGHTS, B}, {DNNL_ARG_DST, C}};
+            dnnl_exec_arg_t args[3] = {{DNNL_ARG_SRC, A}, {DNNL_ARG_WEIGHTS, B}, {DNNL_ARG_DST, C}};
             double t0 = s_now(), t = 0;
             int n = 0;
             do {

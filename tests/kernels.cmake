@@ -34,3 +34,9 @@ target_link_libraries(test_shared_weights PRIVATE mm_model)
 add_test(NAME shared_weights COMMAND test_shared_weights ${MM_TEST_DATA}/tiny-stablelm-bf16)
 set_tests_properties(shared_weights PROPERTIES FIXTURES_REQUIRED "tiny_stablelm-bf16"
                      TIMEOUT 120 LABELS "kernels;model")
+
+# The optional oneDNN bf16 prefill (kernels/cpu/cpu_dnnl.h): the same kernel
+# tests, with the tolerance of bf16-rounded activations on its calls.
+add_test(NAME kernels_cpu_prefill_bf16 COMMAND test_kernels cpu)
+set_tests_properties(kernels_cpu_prefill_bf16 PROPERTIES SKIP_RETURN_CODE 77 TIMEOUT 300
+                     LABELS "kernels" ENVIRONMENT "MEDMOE_CPU_PREFILL=bf16")

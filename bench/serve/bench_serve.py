@@ -208,7 +208,8 @@ def thread_env(n):
 
 def run_baseline(a, model, image):
     argv = [a.run, "--model", model, "--vision", os.path.join(model, "clip"), "--image", image,
-            "--question", QUESTIONS[0], "--max-tokens", str(a.max_tokens), "--backend", "cpu", "--json"]
+            "--question", QUESTIONS[0], "--max-tokens", str(a.max_tokens), "--backend", "cpu",
+            "--weights", a.weights, "--json"]
     outs = []
     for _ in range(a.run_reps):
         t0 = time.monotonic()
@@ -284,8 +285,9 @@ class Cluster:
                        "tenants": os.path.join(work, "tenants.json"), "heartbeat_ms": a.heartbeat_ms,
                        "expert_wait_ms": 60000, "args": ["--slots", str(a.slots_used),
                                                          "--context", str(a.context_used),
-                                                         "--max-tokens-limit", str(max(512, a.max_tokens))]},
-            "experts": {"count": 4, "replicas": 1, "args": []},
+                                                         "--max-tokens-limit", str(max(512, a.max_tokens)),
+                                                         "--weights", a.weights]},
+            "experts": {"count": 4, "replicas": 1, "args": ["--weights", a.weights]},
         }
         with open(self.cfg, "w") as f:
             json.dump(cfg, f, indent=1)
@@ -474,6 +476,8 @@ def main():
     ap.add_argument("--auto", action="store_true",
                     help="full size only if DATA already holds it, else print how to make it and run --tiny")
     ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--weights", default="stored", choices=("stored", "f32", "int8"),
+                    help="--weights of medmoe-run, the router and the experts (default stored)")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--slots", type=int, default=0,
                     help="router --slots (0 = auto: what MemAvailable leaves after the weights, <= max concurrency)")

@@ -48,6 +48,7 @@ typedef struct s_cpu {
     char describe[320]; /* "cpu: avx512 kernels, 2 threads, OpenBLAS ..." */
     mm_pool *pool;      /* the threads every op spreads over */
     mm_cpu_isa isa;     /* the matmul kernels' path */
+    mm_cpu_dnnl *dnnl;  /* MEDMOE_CPU_PREFILL=bf16: oneDNN prefill; else NULL */
 } s_cpu;
 
 /* ---- backend housekeeping ------------------------------------------------ */
@@ -55,6 +56,7 @@ typedef struct s_cpu {
 static void s_destroy(void *ctx) {
     s_cpu *c = ctx;
     mm_pool_destroy(&c->pool);
+    mm_cpu_dnnl_destroy(&c->dnnl);
     free(c);
 }
 
@@ -166,9 +168,12 @@ static int s_matmul(const mm_op *op) {
         for (size_t m = 0; m < M; m++)
             memcpy(out + m * N, bias->data, N * sizeof(float));
     s_cpu *c = s_ctx(op);
-    if (mm_cpu_matmul(c->pool, c->isa, M, N, K, s_f(x), w->data, w->dtype, out, bias != NULL) !=
-        MM_OK)
-        return mm_backend_fail(be, MM_ENOMEM, "matmul: out of memory widening a %s weight",
+    int rc = mm_cpu_matmul(c->pool, c->isa, c->dnnl, M, N, K, s_f(x), w->data, w->dtype, out,
+                           bias != NULL);
+    if (rc != MM_OK)
+        return mm_backend_fail(be, rc,
+                               rc == MM_ENOMEM ? "matmul: out of memory widening a %s weight"
+                                               : "matmul: oneDNN failed on a %s weight",
                                mm_dtype_name(w->dtype));
     return MM_OK;
 }
@@ -821,9 +826,19 @@ int mm_cpu_backend_new(mm_backend **out, char *err, size_t errlen) {
     }
     if (rc == MM_OK)
         rc = mm_cpu_isa_pick(getenv("MEDMOE_CPU_ISA"), &c->isa, err, errlen);
+    const char *pf = getenv("MEDMOE_CPU_PREFILL");
+    if (rc == MM_OK && pf && *pf && strcmp(pf, "f32") != 0) {
+        if (strcmp(pf, "bf16") == 0)
+            rc = mm_cpu_dnnl_new(&c->dnnl, err, errlen);
+        else
+            rc = mm_errorf(err, errlen, MM_EINVAL,
+                           "cpu backend: MEDMOE_CPU_PREFILL='%s' (want f32, the default, or bf16)",
+                           pf);
+    }
     if (rc == MM_OK)
         rc = mm_pool_new((int)n, &c->pool, err, errlen);
     if (rc != MM_OK) {
+        mm_cpu_dnnl_destroy(&c->dnnl);
         free(be);
         free(c);
         return rc;
@@ -833,8 +848,9 @@ int mm_cpu_backend_new(mm_backend **out, char *err, size_t errlen) {
     openblas_set_num_threads(1);
     const char *cfg = openblas_get_config();
     snprintf(c->describe, sizeof c->describe,
-             "cpu: %s kernels, %d threads (idle threads sleep), OpenBLAS %s (core %s)",
-             mm_cpu_isa_name(c->isa), mm_pool_threads(c->pool), cfg ? cfg : "?",
+             "cpu: %s kernels, %d threads (idle threads sleep), prefill %s, OpenBLAS %s (core %s)",
+             mm_cpu_isa_name(c->isa), mm_pool_threads(c->pool),
+             c->dnnl ? "bf16 (oneDNN)" : "f32 (OpenBLAS)", cfg ? cfg : "?",
              openblas_get_corename());
     be->ops = &s_cpu_ops;
     be->ctx = c;

@@ -425,9 +425,14 @@ static void s_gemm_task(void *vp, size_t t) {
     free(tmp);
 }
 
-int mm_cpu_matmul(mm_pool *pool, mm_cpu_isa isa, size_t M, size_t N, size_t K, const float *x,
-                  const void *w, mm_dtype wt, float *out, int acc) {
+int mm_cpu_matmul(mm_pool *pool, mm_cpu_isa isa, mm_cpu_dnnl *dnnl, size_t M, size_t N, size_t K,
+                  const float *x, const void *w, mm_dtype wt, float *out, int acc) {
     s_mm a = {isa, M, N, K, 0, x, w, wt, out, acc, 0};
+    if (dnnl && M > MM_CPU_GEMV_ROWS && wt == MM_BF16) {
+        int rc = mm_cpu_dnnl_matmul(dnnl, M, N, K, x, w, out, acc);
+        if (rc != MM_EUNSUPPORTED)
+            return rc;
+    }
     if (M <= MM_CPU_GEMV_ROWS) {
         /* At least ~256 K multiply-adds a range (8 blocks of 4 rows at
          * K = 2048, one row of x): enough work to pay for handing it to

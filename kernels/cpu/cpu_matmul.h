@@ -24,6 +24,7 @@
 
 #include <stddef.h>
 
+#include "cpu_dnnl.h"
 #include "cpu_pool.h"
 #include "kernels.h"
 
@@ -51,9 +52,11 @@ void mm_cpu_gemv(mm_cpu_isa isa, mm_dtype wt, size_t M, size_t K, const float *x
                  size_t n0, size_t n1, float *out, size_t ldo, int acc);
 
 /* out[M, N] (+)= x[M, K] · w[N, K]ᵀ over the pool: the streaming kernel for
- * M <= MM_CPU_GEMV_ROWS, widened blocks and sgemm above. acc: add to out
- * (the bias preloaded) rather than overwrite. MM_ENOMEM if scratch fails. */
-int mm_cpu_matmul(mm_pool *pool, mm_cpu_isa isa, size_t M, size_t N, size_t K, const float *x,
-                  const void *w, mm_dtype wt, float *out, int acc);
+ * M <= MM_CPU_GEMV_ROWS, widened blocks and sgemm above (or, with dnnl
+ * non-NULL and bf16 weights, oneDNN's bf16 matmul: cpu_dnnl.h). acc: add to
+ * out (the bias preloaded) rather than overwrite. MM_ENOMEM if scratch
+ * fails. */
+int mm_cpu_matmul(mm_pool *pool, mm_cpu_isa isa, mm_cpu_dnnl *dnnl, size_t M, size_t N, size_t K,
+                  const float *x, const void *w, mm_dtype wt, float *out, int acc);
 
 #endif
