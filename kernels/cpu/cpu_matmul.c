@@ -21,6 +21,7 @@
 #include "status.h"
 
 #if defined(__x86_64__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define S_X86 1
 #else
@@ -36,17 +37,25 @@ const char *mm_cpu_isa_name(mm_cpu_isa isa) {
     return isa >= 0 && isa < MM_ISA_COUNT ? s_isa_names[isa] : "?";
 }
 
+#if S_X86
+/* F16C from CPUID leaf 1 (ECX bit 29): clang's __builtin_cpu_supports does
+ * not know the name. */
+static int s_has_f16c(void) {
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c >> 29 & 1u);
+}
+#endif
+
 int mm_cpu_isa_supported(mm_cpu_isa isa) {
     switch (isa) {
     case MM_ISA_C: return 1;
 #if S_X86
     case MM_ISA_AVX2:
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-               __builtin_cpu_supports("f16c");
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && s_has_f16c();
     case MM_ISA_AVX512:
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") &&
-               __builtin_cpu_supports("f16c");
+               s_has_f16c();
 #endif
     default: return 0;
     }
