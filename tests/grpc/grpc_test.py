@@ -877,7 +877,9 @@ def scenario_audit(a):
         t = cl.tenant("hospital-a", max_concurrent=8)
         t2 = cl.tenant("hospital-b", max_concurrent=1)
         audit = os.path.join(cl.workdir, "audit.jsonl")
-        cl.start(a.model, router_extra=["--audit-log", audit])
+        # Experts that take 20 ms a batch: the case given a 50 ms deadline below must still be
+        # running when it expires (the cpu kernels answer this tiny case in ~30 ms otherwise).
+        cl.start(a.model, router_extra=["--audit-log", audit], expert_extra=["--debug-delay-ms", "20"])
         image = png(a)
         secret = "Zebra-quokka 7431 secret patient question: what modality is this image?"
         ref = G.reference(cl, secret, a.image, MAX_TOKENS)
