@@ -206,6 +206,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--no-ref", action="store_true", help="skip the PyTorch reference")
+    ap.add_argument("--no-int8", action="store_true", help="skip the --weights int8 run")
     ap.add_argument("--no-f32", action="store_true",
                     help="skip the --weights f32 run (the widened baseline)")
     a = ap.parse_args()
@@ -217,12 +218,15 @@ def main():
     image = ensure_image(a)
 
     e = run_engine(a, ckpt, image, "stored")
-    f = None
-    if not a.no_f32:
+    runs = [("stored (bf16)", e)]
+    for mode, skip in (("int8", a.no_int8), ("f32", a.no_f32)):
+        if skip:
+            continue
         try:
-            f = run_engine(a, ckpt, image, "f32")
+            runs.append(("int8 (q8)" if mode == "int8" else "f32 (widened)",
+                         run_engine(a, ckpt, image, mode)))
         except Exception as ex:  # a benchmark prints, never fails
-            print("bench/model: medmoe-run --weights f32 failed: %s" % ex)
+            print("bench/model: medmoe-run --weights %s failed: %s" % (mode, ex))
     n_tok = len(e["tokens"])
     print("bench/model: StableLM-2-1.6B dims (hidden 2048, inter 5632, 32x64 heads, vocab 100352),"
           " %d of 24 layers (MoE 4+meta top-1 on %s), bf16; CLIP ViT-L/14-336 dims, %d of 24"
@@ -234,9 +238,10 @@ def main():
           "every column alike)" % ((os.cpu_count() or 0,) + la))
     print("bench/model: medmoe-run generated %d tokens, %s backend, process wall %.1f s"
           % (n_tok, e.get("backend", "?"), e["wall_s"]))
-    if f and f["tokens"] != e["tokens"]:
-        print("bench/model: note: --weights f32 generated other tokens (%s vs %s)"
-              % (f["tokens"][:8], e["tokens"][:8]))
+    for name, x in runs[1:]:
+        if x["tokens"] != e["tokens"]:
+            print("bench/model: note: %s generated other tokens (%s vs %s)"
+                  % (name, x["tokens"][:8], e["tokens"][:8]))
     r = None
     if not a.no_ref:
         try:
@@ -259,8 +264,8 @@ def main():
     rows = [("load (weights)", "load_ms"), ("vision (preproc+CLIP+proj)", "vision_ms"),
             ("prefill (%d positions)" % e["prompt_len"], "prefill_ms"),
             ("time to first token", ttft), ("decode, per token", dec)]
-    print("bench/model: %-28s %14s %14s %18s" % ("", "stored (bf16)", "f32 (widened)",
-                                                 "PyTorch reference"))
+    cols = "".join("%15s" % n for n, _ in runs)
+    print("bench/model: %-28s%s %18s" % ("", cols, "PyTorch reference"))
     for name, key in rows:
         get = key if callable(key) else (lambda x, k=key: x[k] if x else None)
         rv = None
@@ -271,23 +276,21 @@ def main():
                 rv = r["vision_ms"] + r["prefill_ms"]
             if key is dec:
                 rv = r["decode_ms"]
-        print("bench/model: %-28s %14s %14s %18s" % (name, fmt_ms(get(e)), fmt_ms(get(f) if f else None),
-                                                     fmt_ms(rv)))
-    print("bench/model: %-28s %14s %14s" % (
-        "peak RSS", "%.0f MB" % e["peak_rss_mb"] if e.get("peak_rss_mb") else "-",
-        "%.0f MB" % f["peak_rss_mb"] if f and f.get("peak_rss_mb") else "-"))
+        print("bench/model: %-28s%s %18s" % (name, "".join("%15s" % fmt_ms(get(x)) for _, x in runs),
+                                             fmt_ms(rv)))
+    print("bench/model: %-28s%s" % ("peak RSS", "".join(
+        "%15s" % ("%.0f MB" % x["peak_rss_mb"] if x.get("peak_rss_mb") else "-") for _, x in runs)))
+    print("bench/model: %-28s%s" % ("decode tokens/s", "".join(
+        "%15s" % ("%.2f" % (1e3 / dec(x)) if dec(x) else "-") for _, x in runs)))
     tps = 1e3 / dec(e) if dec(e) else None
-    ftps = 1e3 / dec(f) if f and dec(f) else None
-    print("bench/model: %-28s %14s %14s" % ("decode tokens/s", "%.2f" % tps if tps else "-",
-                                            "%.2f" % ftps if ftps else "-"))
     total, per_tok = weight_bytes(ckpt)
     bw = read_bandwidth(a.threads)
     if bw:
         lim = bw * 1e9 / per_tok
         print("bench/model: memory read bandwidth %.1f GB/s (%d threads, 1 GiB, numpy); a decode "
               "step reads %.2f GB of bf16 weights (of %.2f GB): limit %.1f tokens/s in bf16, "
-              "%.1f in f32; medmoe-run bf16 at %s of its limit"
-              % (bw, a.threads, per_tok / 1e9, total / 1e9, lim, lim / 2,
+              "%.1f in int8 (1.125 B/weight), %.1f in f32; medmoe-run bf16 at %s of its limit"
+              % (bw, a.threads, per_tok / 1e9, total / 1e9, lim, lim * 2 / 1.125, lim / 2,
                  "%.0f %%" % (100 * tps / lim) if tps else "-"))
     print("bench/model: reference decode = one full forward over prompt+1 (the oracle has no KV "
           "cache); ours = KV-cache step, mean over %d steps" % max(n_tok - 1, 0))
