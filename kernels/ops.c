@@ -49,7 +49,13 @@ void mm_q8_quantize_row(void *row, const void *src, mm_dtype st, size_t k) {
     for (size_t b = 0; b < kp / MM_Q8_BLOCK; b++) {
         size_t k0 = b * MM_Q8_BLOCK, n = k - k0 < MM_Q8_BLOCK ? k - k0 : MM_Q8_BLOCK;
         const char *s = (const char *)src + k0 * mm_dtype_size(st);
-        mm_convert_to_f32(v, s, st, n);
+        if (st == MM_BF16) /* inline: the generic conversion was most of the load time */
+            for (size_t i = 0; i < n; i++) {
+                uint32_t u = (uint32_t)((const uint16_t *)s)[i] << 16;
+                memcpy(&v[i], &u, sizeof u);
+            }
+        else
+            mm_convert_to_f32(v, s, st, n);
         float amax = 0.0f;
         for (size_t i = 0; i < n; i++)
             amax = fabsf(v[i]) > amax ? fabsf(v[i]) : amax;
