@@ -28,8 +28,9 @@ Figures:
     its own channel with AskStream (clients/python/medmoe_client.py). Client side: time to
     first token (call to first streamed token) p50 / p99, per-case decode tokens/s (tokens
     after the first / time from first to last token), total tokens/s over the wave, and the
-    server's own queue_ms / ttft_ms. With N > slots the rest queue (the router allocates an
-    f32 KV cache of max_pos positions for every slot: layers x max_pos x kv_width x 8 bytes).
+    server's own queue_ms / ttft_ms. With N > slots the rest queue (the router maps an f32 KV
+    cache of --context positions for every slot: layers x context x kv_width x 8 bytes, whose
+    pages cost memory only as positions are reached).
   * small case during a prefill: a text-only case's time to first token alone (median of 3),
     then sent while an image case is prefilling (at vision + --prefill-frac of its prefill
     after it), beside that image case's own first-token time alone.
@@ -559,13 +560,13 @@ def main():
     sizes = [int(x) for x in a.concurrency.split(",") if x.strip()]
     if a.slots <= 0:
         avail = mem_available() or 0
-        # the cpu backend widens bf16/f16 weights to f32 at load (kernels/cpu: weight_dtype is
-        # always f32), so router + experts hold ~2x the bf16 bytes, + ~1 GiB the five
-        # processes hold besides (buffers; measured at 4+4 layers), + 4 GiB for the rest
-        wf32 = wbytes * (2 if "16" in str(sh["dtype"]) else 1)
+        # the cpu backend uses the weights in place from the page cache (shared by the five
+        # processes: once, the checkpoint's bytes); --weights f32 widens a private copy (~2x
+        # the bf16 bytes); + ~1 GiB the five processes hold besides, + 4 GiB for the rest
+        wf32 = wbytes * (2 if a.weights == "f32" and "16" in str(sh["dtype"]) else 1)
         fit = int((avail - wf32 - 5 * 2 ** 30) // sh["kv_slot_bytes"])
         a.slots_used = max(1, min(max(sizes or [1]), fit))
-        slots_note = "auto: (MemAvailable %s - weights widened to f32 %s - 5 GiB) / %s per slot" % (
+        slots_note = "auto: (MemAvailable %s - weights %s - 5 GiB) / %s per slot" % (
             gib(avail), gib(wf32), gib(sh["kv_slot_bytes"]))
     else:
         a.slots_used = a.slots
