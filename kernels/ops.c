@@ -6,10 +6,12 @@
  * trust its input stays small (kernels/backend.h).
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "backend.h"
 
@@ -376,6 +378,48 @@ static int s_convert(void *dst, mm_dtype dt, const void *src, mm_dtype st, size_
     return MM_EINVAL;
 }
 
+/* Quantising rows into MM_Q8, split over up to S_Q8_THREADS threads. */
+#define S_Q8_THREADS 8
+typedef struct s_q8_job {
+    char *q;
+    const void *src;
+    mm_dtype st;
+    size_t nrows, k, row_bytes;
+    size_t r0, r1; /* this thread's rows (set per thread) */
+} s_q8_job;
+
+static void *s_q8_rows(void *vp) {
+    s_q8_job *j = vp;
+    for (size_t r = j->r0; r < j->r1; r++)
+        mm_q8_quantize_row(j->q + r * j->row_bytes,
+                           (const char *)j->src + r * j->k * mm_dtype_size(j->st), j->st, j->k);
+    return NULL;
+}
+
+static void s_q8_parallel(s_q8_job *job) {
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    size_t nt = ncpu > 1 ? (size_t)ncpu : 1;
+    if (nt > S_Q8_THREADS)
+        nt = S_Q8_THREADS;
+    if (job->nrows * job->k < ((size_t)1 << 20)) /* small: not worth a thread */
+        nt = 1;
+    s_q8_job parts[S_Q8_THREADS];
+    pthread_t th[S_Q8_THREADS];
+    int started[S_Q8_THREADS] = {0};
+    for (size_t i = 0; i < nt; i++) {
+        parts[i] = *job;
+        parts[i].r0 = job->nrows * i / nt;
+        parts[i].r1 = job->nrows * (i + 1) / nt;
+        started[i] = i > 0 && pthread_create(&th[i], NULL, s_q8_rows, &parts[i]) == 0;
+    }
+    for (size_t i = 0; i < nt; i++) /* thread 0, and any that did not start, here */
+        if (!started[i])
+            s_q8_rows(&parts[i]);
+    for (size_t i = 1; i < nt; i++)
+        if (started[i])
+            pthread_join(th[i], NULL);
+}
+
 int mm_tensor_set_rows(mm_tensor *t, size_t row0, size_t nrows, const void *src,
                        mm_dtype src_dtype) {
     mm_backend *be = t->be;
@@ -401,15 +445,18 @@ int mm_tensor_set_rows(mm_tensor *t, size_t row0, size_t nrows, const void *src,
         if (src_dtype != MM_F32 && src_dtype != MM_F16 && src_dtype != MM_BF16)
             return mm_backend_fail(be, MM_EINVAL, "set: cannot quantise %s data into %s",
                                    mm_dtype_name(src_dtype), mm_tensor_str(t, s, sizeof s));
-        char *q = malloc(bytes);
+        /* Host-visible storage (cpu) is written in place; else through a
+         * scratch copy. Rows are quantised on several threads: at load the
+         * whole decoder goes through here (1.85 G weights at full size). */
+        mm_tensor *root = mm_tensor_root(t);
+        char *q = root->data ? (char *)root->data + off : malloc(bytes);
         if (!q)
             return mm_backend_fail(be, MM_ENOMEM, "set: out of host memory for %zu bytes", bytes);
-        for (size_t r = 0; r < nrows; r++)
-            mm_q8_quantize_row(q + r * row_bytes,
-                               (const char *)src + r * row_elems * mm_dtype_size(src_dtype),
-                               src_dtype, row_elems);
-        rc = be->ops->write(be->ctx, mm_tensor_root(t), off, q, bytes);
-        free(q);
+        s_q8_job job = {q, src, src_dtype, nrows, row_elems, row_bytes, 0, 0};
+        s_q8_parallel(&job);
+        rc = root->data ? MM_OK : be->ops->write(be->ctx, root, off, q, bytes);
+        if (!root->data)
+            free(q);
         return rc;
     }
     if (src_dtype == t->dtype)
