@@ -11,7 +11,7 @@ if(TARGET mm_pacs)
 endif()
 if(TARGET medmoe-pacs AND TARGET medmoe-router AND TARGET medmoe-expert
    AND EXISTS ${CMAKE_SOURCE_DIR}/demo/model/config.json)
-  foreach(name pull watch)
+  foreach(name pull watch hostile)
     add_test(NAME pacs_${name}
              COMMAND ${MM_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/pacs/pacs_test.py --scenario ${name}
                      --pacs $<TARGET_FILE:medmoe-pacs> --router $<TARGET_FILE:medmoe-router>

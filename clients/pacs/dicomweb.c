@@ -448,8 +448,12 @@ int mm_dweb_store(mm_dweb *d, const char *study, const uint8_t *dcm, size_t len,
     if (json_array_size(failed) > 0) {
         char buf[32];
         const char *why = mm_dweb_attr(json_array_get(failed, 0), "00081197", buf, sizeof buf);
+        /* Failure Reason codes are written in hex in PS3.18 (A700 out of resources, ...). */
+        char reason[32] = "not given";
+        if (why)
+            snprintf(reason, sizeof reason, "%04lX", strtol(why, NULL, 10));
         rc = mm_errorf(err, errlen, MM_EPROTO, "PACS: STOW-RS to study %s refused it (reason %s)",
-                       study, why ? why : "not given");
+                       study, reason);
     } else if (json_array_size(stored) == 0 && http != 200) {
         rc = mm_errorf(err, errlen, MM_EPROTO,
                        "PACS: STOW-RS to study %s: HTTP %ld, nothing stored", study, http);

@@ -13,8 +13,12 @@ ctest:
          killed (SIGKILL) once the first SR appears and restarted: 5 SRs, one per study, none
          for the unmatched study, no study stored twice; then the state file is lost and the
          bridge re-reads the whole feed: it finds every SR, asks nothing, stores nothing;
-         a second bridge on the same state is refused; SIGTERM stops it cleanly (exit 0).
-Both: no patient name, ID or birth date in any bridge (or router) log line.
+         a second bridge on the same state is refused; SIGTERM stops it cleanly (exit 0);
+         --once drains the feed and exits 0.
+  hostile  a fake PACS (fakepacs.py) that breaks one step per study: metadata not JSON or not
+         an array, no SOP class, WADO-RS HTTP 500, a broken multipart (or PNG), STOW-RS
+         refusing the SR: exit 1 with a line naming the step each time; the good study works.
+All: no patient name, ID or birth date in any bridge (or router) log line.
 Skips (exit 77) only when Orthanc or its DICOMweb plugin is not installed.
 """
 
@@ -264,7 +268,8 @@ def scenario_watch(a, bins):
 
         def start(name):
             cmd = P.bridge_cmd(bins, pacs, cl, t, "watch", ["--rules", rules, "--state", state,
-                                                            "--poll-ms", "100", "--send", a.send])
+                                                            "--poll-ms", "100", "--send", a.send]
+                               + (["--once"] if name == "watch-once" else []))
             pr = D.Proc(name, cmd, a.workdir, stdin=subprocess.DEVNULL)
             cl.procs.append(pr)
             runs.append(pr)
@@ -307,6 +312,11 @@ def scenario_watch(a, bins):
             raise TestFailure("watch-3 (state lost) stored %s, found %d SRs; want nothing stored, 5 found\n%s"
                               % (stored_lines([t3]), t3.count("already in the PACS"), t3))
         stop_clean(b3)
+        # --once (cron): reads the rest of the feed, finds nothing to do, exits 0.
+        b4 = start("watch-once")
+        rc = b4.wait(60)
+        if rc != 0 or stored_lines([b4.log_text()]) or "state saved" not in b4.log_text():
+            raise TestFailure("watch --once: exit %s\n%s" % (rc, b4.describe()))
         check_watch_result(pacs, studies, unmatched, state, runs, first=False)
         P.check_no_patient_data([r.log_text() for r in runs] + [cl.router.log_text()],
                                 dicomgen.PATIENTS, "watch")
@@ -364,7 +374,41 @@ def check_watch_result(pacs, studies, unmatched, state, runs, first):
         % (sum(n.values()), "" if first else " after losing the state"))
 
 
-SCENARIOS = {"pull": scenario_pull, "watch": scenario_watch}
+# -- hostile ------------------------------------------------------------------------------------
+def scenario_hostile(a, bins):
+    """A PACS that answers wrongly (tests/pacs/fakepacs.py): each broken step ends the pull with
+    exit 1 and a line naming it; nothing crashes (run under ASan too); the good study works."""
+    import fakepacs
+    fake = fakepacs.FakePacs()
+    try:
+        with P.G.GrpcCluster(bins, a.workdir) as cl:
+            t = P.start_router(cl, a.model)
+            want = {"1.2.9.1": "reply is not JSON", "1.2.9.2": "lacks valid series, SOP class",
+                    "1.2.9.3": "HTTP 500: disk on fire", "1.2.9.5": "refused it (reason A700)",
+                    "1.2.9.7": "not a JSON array",
+                    "1.2.9.4": "reply is not a PNG" if a.send == "rendered" else "multipart part not closed"}
+            texts = []
+            for study, msg in sorted(want.items()):
+                _, text, _ = P.run_pull(bins, fake, cl, t, ["--study", study, "--question", "Q?",
+                                                            "--send", a.send, "--max-tokens", "2"],
+                                        name="pull-%s" % study, want_rc=1)
+                if msg not in text:
+                    raise TestFailure("study %s (%s): the log does not say %r:\n%s"
+                                      % (study, fakepacs.BROKEN[study], msg, text))
+                log("%s: %s" % (fakepacs.BROKEN[study], text.strip().splitlines()[-1][-110:]))
+                texts.append(text)
+            res, text, _ = P.run_pull(bins, fake, cl, t, ["--study", "1.2.9.6", "--question", "Q?",
+                                                          "--send", a.send, "--max-tokens", "2"],
+                                      name="pull-good")
+            stored = [b for s, b in fake.stored if s == "1.2.9.6"]
+            if res["status"] != "answered" or len(stored) != 1 or b"DICM" not in stored[0]:
+                raise TestFailure("the good study: %s, %d STOW-RS bodies" % (res, len(stored)))
+            P.check_no_patient_data(texts + [text], dicomgen.PATIENTS[:1], "hostile")
+    finally:
+        fake.close()
+
+
+SCENARIOS = {"pull": scenario_pull, "watch": scenario_watch, "hostile": scenario_hostile}
 
 
 def main():
