@@ -21,6 +21,7 @@
 
 struct mm_grpc_client {
     grpc_channel *channel;
+    const volatile sig_atomic_t *cancel; /* nonzero: cancel the call in flight (NULL: never) */
 };
 
 const char *mm_grpc_code_name(int code) {
@@ -158,6 +159,10 @@ void mm_grpc_client_destroy(mm_grpc_client **c) {
     grpc_shutdown();
 }
 
+void mm_grpc_client_set_cancel(mm_grpc_client *c, const volatile sig_atomic_t *flag) {
+    c->cancel = flag;
+}
+
 static gpr_timespec s_deadline(int timeout_ms) {
     if (timeout_ms <= 0)
         return gpr_inf_future(GPR_CLOCK_REALTIME);
@@ -168,11 +173,25 @@ static gpr_timespec s_deadline(int timeout_ms) {
 /* Starts a batch and waits for it; a failed batch means the call is over and
  * its status (fetched next) says why. */
 static int s_run_batch(grpc_call *call, grpc_completion_queue *cq, const grpc_op *ops, size_t n,
-                       void *tag) {
+                       void *tag, const volatile sig_atomic_t *cancel) {
     if (grpc_call_start_batch(call, ops, n, tag, NULL) != GRPC_CALL_OK)
         return -1;
-    grpc_event ev = grpc_completion_queue_pluck(cq, tag, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
-    return ev.type == GRPC_OP_COMPLETE && ev.success ? 0 : -1;
+    /* Wait in 50 ms slices while a cancel flag is set up, so that a signal
+     * (SIGTERM) ends the call promptly: the cancelled batch then completes. */
+    int cancelled = 0;
+    for (;;) {
+        gpr_timespec until =
+            cancel && !cancelled ? s_deadline(50) : gpr_inf_future(GPR_CLOCK_REALTIME);
+        grpc_event ev = grpc_completion_queue_pluck(cq, tag, until, NULL);
+        if (ev.type == GRPC_OP_COMPLETE)
+            return ev.success ? 0 : -1;
+        if (ev.type != GRPC_QUEUE_TIMEOUT)
+            return -1;
+        if (!cancelled && *cancel) {
+            grpc_call_cancel(call, NULL);
+            cancelled = 1;
+        }
+    }
 }
 
 static int s_bytes_of(grpc_byte_buffer *bb, uint8_t **out, size_t *len) {
@@ -206,6 +225,7 @@ typedef struct s_call {
     grpc_status_code status;
     grpc_slice details;
     grpc_byte_buffer *req;
+    const volatile sig_atomic_t *cancel; /* the client's cancel flag */
 } s_call;
 
 static int s_call_start(mm_grpc_client *c, s_call *k, const char *method, const char *api_key,
@@ -216,6 +236,7 @@ static int s_call_start(mm_grpc_client *c, s_call *k, const char *method, const 
     k->details = grpc_empty_slice();
     grpc_metadata_array_init(&k->initial_md);
     grpc_metadata_array_init(&k->trailing_md);
+    k->cancel = c->cancel;
     k->cq = grpc_completion_queue_create_for_pluck(NULL);
     grpc_slice m = grpc_slice_from_static_string(method);
     k->call = grpc_channel_create_call(c->channel, NULL, GRPC_PROPAGATE_DEFAULTS, k->cq, m, NULL,
@@ -252,7 +273,7 @@ static int s_call_start(mm_grpc_client *c, s_call *k, const char *method, const 
     ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
     ops[3].data.recv_initial_metadata.recv_initial_metadata = &k->initial_md;
     /* A failure here (server gone, refused) shows in the status below. */
-    (void)s_run_batch(k->call, k->cq, ops, 4, (void *)1);
+    (void)s_run_batch(k->call, k->cq, ops, 4, (void *)1, k->cancel);
     return MM_OK;
 }
 
@@ -264,7 +285,7 @@ static void s_call_finish(s_call *k, mm_grpc_status *st) {
     op.data.recv_status_on_client.trailing_metadata = &k->trailing_md;
     op.data.recv_status_on_client.status = &k->status;
     op.data.recv_status_on_client.status_details = &k->details;
-    if (s_run_batch(k->call, k->cq, &op, 1, (void *)3) != 0) {
+    if (s_run_batch(k->call, k->cq, &op, 1, (void *)3, k->cancel) != 0) {
         st->code = MM_GRPC_UNKNOWN;
         snprintf(st->message, sizeof st->message, "no status received");
         return;
@@ -306,7 +327,7 @@ static void s_recv(s_call *k, grpc_byte_buffer **bb) {
     *bb = NULL;
     op.op = GRPC_OP_RECV_MESSAGE;
     op.data.recv_message.recv_message = bb;
-    if (s_run_batch(k->call, k->cq, &op, 1, (void *)2) != 0 && *bb) {
+    if (s_run_batch(k->call, k->cq, &op, 1, (void *)2, k->cancel) != 0 && *bb) {
         grpc_byte_buffer_destroy(*bb);
         *bb = NULL;
     }

@@ -18,6 +18,7 @@
 #ifndef MM_GRPC_CLIENT_H
 #define MM_GRPC_CLIENT_H
 
+#include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -58,6 +59,11 @@ typedef int (*mm_grpc_msg_fn)(void *user, const uint8_t *msg, size_t len);
 int mm_grpc_client_new(const char *target, const mm_grpc_tls *tls, mm_grpc_client **out, char *err,
                        size_t errlen);
 void mm_grpc_client_destroy(mm_grpc_client **c);
+
+/* From now on, a call in flight is cancelled (status CANCELLED) within about
+ * 50 ms of *flag becoming nonzero — a SIGTERM handler's flag, so that a
+ * program stops promptly. NULL: never (the default). */
+void mm_grpc_client_set_cancel(mm_grpc_client *c, const volatile sig_atomic_t *flag);
 
 /* One unary call. api_key NULL = no authorization metadata; timeout_ms <= 0 =
  * no deadline. On return st holds the call's status; *resp (malloc'd, caller

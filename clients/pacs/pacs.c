@@ -108,6 +108,8 @@ int mm_pacs_new(const mm_pacs_options *o, mm_pacs **out, char *err, size_t errle
     if ((rc = mm_grpc_client_new(o->server, o->tls_on ? &o->tls : NULL, &p->rpc, err, errlen)) !=
         MM_OK)
         goto fail;
+    if (o->stop)
+        mm_grpc_client_set_cancel(p->rpc, o->stop); /* SIGTERM ends an Ask in flight */
     *out = p;
     return MM_OK;
 fail:
@@ -366,6 +368,9 @@ static int s_ask(mm_pacs *p, const uint8_t *img, size_t img_len, const char *que
     free(req);
     if (rc != MM_OK || st.code != MM_GRPC_OK) {
         free(resp);
+        if (p->o.stop && *p->o.stop)
+            return mm_errorf(err, errlen, MM_ECANCELLED, "medmoe %s: Ask: abandoned (stopping)",
+                             p->o.server);
         return mm_errorf(err, errlen, rc != MM_OK ? MM_EAGAIN : s_grpc_status(st.code),
                          "medmoe %s: Ask: %s: %s", p->o.server, mm_grpc_code_name(st.code),
                          st.message);

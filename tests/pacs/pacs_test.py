@@ -17,7 +17,9 @@ ctest:
          --once drains the feed and exits 0.
   hostile  a fake PACS (fakepacs.py) that breaks one step per study: metadata not JSON or not
          an array, no SOP class, WADO-RS HTTP 500, a broken multipart (or PNG), STOW-RS
-         refusing the SR: exit 1 with a line naming the step each time; the good study works.
+         refusing the SR: exit 1 with a line naming the step each time; the good study works;
+         SIGTERM while the Ask is in flight (the router delays each image 2 s) ends the pull
+         within 1 s, storing nothing.
 All: no patient name, ID or birth date in any bridge (or router) log line.
 Skips (exit 77) only when Orthanc or its DICOMweb plugin is not installed.
 """
@@ -382,7 +384,9 @@ def scenario_hostile(a, bins):
     fake = fakepacs.FakePacs()
     try:
         with P.G.GrpcCluster(bins, a.workdir) as cl:
-            t = P.start_router(cl, a.model)
+            # Each image takes 2 s more in the router: long enough to stop a pull mid-Ask.
+            t = P.start_router(cl, a.model, router_extra=["--debug-vision-delay-ms", "2000"])
+            check_sigterm_mid_ask(bins, fake, cl, t, a)
             want = {"1.2.9.1": "reply is not JSON", "1.2.9.2": "lacks valid series, SOP class",
                     "1.2.9.3": "HTTP 500: disk on fire", "1.2.9.5": "refused it (reason A700)",
                     "1.2.9.7": "not a JSON array",
@@ -406,6 +410,25 @@ def scenario_hostile(a, bins):
             P.check_no_patient_data(texts + [text], dicomgen.PATIENTS[:1], "hostile")
     finally:
         fake.close()
+
+
+def check_sigterm_mid_ask(bins, fake, cl, t, a):
+    """SIGTERM while the Ask is in flight (the router holds each image 2 s): the pull ends
+    within 1 s, says it abandoned the Ask, stores nothing."""
+    cmd = P.bridge_cmd(bins, fake, cl, t, "pull", ["--study", "1.2.9.6", "--question", "Q?",
+                                                   "--send", a.send, "--max-tokens", "2"])
+    pr = D.Proc("pull-sigterm", cmd, a.workdir, stdin=subprocess.DEVNULL)
+    cl.procs.append(pr)
+    wait_for("the pull to ask", lambda: "chose instance" in pr.log_text()
+             and "GetServerInfo" in cl.router.log_text(), 30, [pr])
+    t0 = time.monotonic()
+    pr.signal(signal.SIGTERM)
+    rc = pr.wait(10)
+    took = time.monotonic() - t0
+    if rc != 1 or took > 1.0 or "Ask: abandoned (stopping)" not in pr.log_text() or fake.stored:
+        raise TestFailure("SIGTERM mid-Ask: exit %s after %.2f s, %d STOW-RS (want 1 within 1 s, "
+                          "'Ask: abandoned', none)\n%s" % (rc, took, len(fake.stored), pr.describe()))
+    log("SIGTERM mid-Ask: the pull stopped in %.2f s" % took)
 
 
 SCENARIOS = {"pull": scenario_pull, "watch": scenario_watch, "hostile": scenario_hostile}

@@ -158,10 +158,10 @@ def sr_uid(*parts):
     return "2.25.%d" % int.from_bytes(d, "big")
 
 
-def start_router(cl, model, tenant_name="pacs"):
+def start_router(cl, model, tenant_name="pacs", router_extra=()):
     """Router + the model's 4 experts; returns the tenant."""
     t = cl.tenant(tenant_name)
-    cl.start(model, experts=4)
+    cl.start(model, experts=4, router_extra=router_extra)
     return t
 
 
