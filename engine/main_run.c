@@ -31,6 +31,8 @@ static void usage(FILE *f) {
                "                       unless --max-tokens is given)\n"
                "  --max-tokens N       generated tokens at most (default 64)\n"
                "  --backend cpu|vulkan compute backend (default cpu)\n"
+               "  --vk-device SEL      vulkan device: index, name, UUID (GPU-...) or PCI bus id\n"
+               "                       (sets MEDMOE_VK_DEVICE; default: the first discrete GPU)\n"
                "  --conv-mode MODE     prompt template: stablelm, phi or simple (default: the\n"
                "                       backbone's training template)\n"
                "  --no-pad             resize + centre crop without padding to a square\n"
@@ -66,6 +68,7 @@ static int parse_args(int argc, char **argv, run_args *a) {
                                          {"candidates", required_argument, 0, 'c'},
                                          {"max-tokens", required_argument, 0, 'n'},
                                          {"backend", required_argument, 0, 'b'},
+                                         {"vk-device", required_argument, 0, 1001},
                                          {"conv-mode", required_argument, 0, 'C'},
                                          {"no-pad", no_argument, 0, 'P'},
                                          {"temperature", required_argument, 0, 't'},
@@ -100,6 +103,9 @@ static int parse_args(int argc, char **argv, run_args *a) {
             }
             break;
         case 'b': a->backend = optarg; break;
+        case 1001: /* the backend reads it when it opens the device */
+            setenv("MEDMOE_VK_DEVICE", optarg, 1);
+            break;
         case 'C': a->conv_mode = optarg; break;
         case 'P': a->no_pad = 1; break;
         case 't': a->temperature = strtof(optarg, &end); break;

@@ -40,6 +40,8 @@ static void usage(FILE *f) {
                "  --expert K               expert index to host (every MoE layer)\n"
                "  --router EP              the router's endpoint, e.g. tcp://10.0.0.5:5555\n"
                "  --backend cpu|vulkan     compute backend (default cpu)\n"
+               "  --vk-device SEL          vulkan device: index, name, UUID or PCI bus id\n"
+               "                           (sets MEDMOE_VK_DEVICE)\n"
                "  --heartbeat-ms MS        heartbeat interval until the router's Welcome sets it\n"
                "                           (default 1000)\n"
                "  --capacity N             rows per batch accepted; more get BUSY (default 0:\n"
@@ -69,6 +71,7 @@ static int parse_args(int argc, char **argv, mm_expert_options *a) {
                                          {"expert", required_argument, 0, 'e'},
                                          {"router", required_argument, 0, 'r'},
                                          {"backend", required_argument, 0, 'b'},
+                                         {"vk-device", required_argument, 0, 1001},
                                          {"heartbeat-ms", required_argument, 0, 'H'},
                                          {"capacity", required_argument, 0, 'c'},
                                          {"fingerprint", required_argument, 0, 'F'},
@@ -93,6 +96,9 @@ static int parse_args(int argc, char **argv, mm_expert_options *a) {
         case 'e': rc = mm_arg_int("medmoe-expert", "--expert", optarg, 0, &a->expert); break;
         case 'r': a->router = optarg; break;
         case 'b': a->backend = optarg; break;
+        case 1001: /* the backend reads it when it opens the device */
+            setenv("MEDMOE_VK_DEVICE", optarg, 1);
+            break;
         case 'H':
             rc = mm_arg_int("medmoe-expert", "--heartbeat-ms", optarg, 1, &a->heartbeat_ms);
             break;

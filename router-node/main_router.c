@@ -76,6 +76,8 @@ static void usage(FILE *f) {
             "                          bytes (default) or names/dtypes/shapes; experts must\n"
             "                          use the same\n"
             "  --backend cpu|vulkan    compute backend (default cpu)\n"
+            "  --vk-device SEL         vulkan device: index, name, UUID (GPU-...) or PCI bus\n"
+            "                          id (sets MEDMOE_VK_DEVICE; default: first discrete GPU)\n"
             "  --curve-secret-key F    CurveZMQ: this router's secret key (medmoe-keygen)\n"
             "  --curve-allow F         public keys of allowed experts (repeatable; one per line)\n"
             "  --stats-file F          on exit, write replica statistics as JSON\n"
@@ -192,6 +194,7 @@ static int parse_args(int argc, char **argv, router_args *a) {
         {"heartbeat-ms", required_argument, 0, 'H'},
         {"fingerprint", required_argument, 0, 'F'},
         {"backend", required_argument, 0, 'B'},
+        {"vk-device", required_argument, 0, 1001},
         {"curve-secret-key", required_argument, 0, 'k'},
         {"curve-allow", required_argument, 0, 'a'},
         {"stats-file", required_argument, 0, 's'},
@@ -268,6 +271,9 @@ static int parse_args(int argc, char **argv, router_args *a) {
             }
             break;
         case 'B': a->backend = optarg; break;
+        case 1001: /* the backend reads it when it opens the device */
+            setenv("MEDMOE_VK_DEVICE", optarg, 1);
+            break;
         case 'k': a->curve_secret = optarg; break;
         case 'a':
             if (a->n_allow_files == MAX_ALLOW) {

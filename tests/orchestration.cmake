@@ -6,6 +6,8 @@
 #                   supervisor restarts it -> scale 1 -> 2 -> 1 under load (no case fails) -> down
 #   orch_manifests  `kubectl kustomize` + structural checks of orchestration/kubernetes, the
 #                   Dockerfile and cluster.example.json; flags checked against the programs' --help
+#   orch_devices    per-process Vulkan devices (vk_device keys -> --vk-device per router / expert
+#                   replica), bad specs refused, a bad selector makes medmoe-expert exit listing devices
 #   orch_netns      router / experts in three network namespaces joined by veth pairs, cases
 #                   equal to medmoe-run (root only: skipped with 77 without CAP_NET_ADMIN)
 set(MM_ORCH_DIR ${CMAKE_CURRENT_SOURCE_DIR}/orchestration)
@@ -17,6 +19,9 @@ if(TARGET medmoe-router AND TARGET medmoe-expert)
 endif()
 add_test(NAME orch_manifests COMMAND ${MM_PYTHON} ${MM_ORCH_DIR}/manifests_test.py ${MM_ORCH_BINS})
 set_tests_properties(orch_manifests PROPERTIES TIMEOUT 60 LABELS "orchestration")
+add_test(NAME orch_devices COMMAND ${MM_PYTHON} ${MM_ORCH_DIR}/devices_test.py --cluster ${MM_ORCH_CLUSTER}
+                                   ${MM_ORCH_BINS})
+set_tests_properties(orch_devices PROPERTIES TIMEOUT 60 LABELS "orchestration;vulkan")
 
 if(TARGET medmoe-router AND TARGET medmoe-expert AND TARGET medmoe-run)
   set(MM_ORCH_COMMON --router $<TARGET_FILE:medmoe-router> --expert $<TARGET_FILE:medmoe-expert>

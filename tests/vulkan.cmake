@@ -12,3 +12,16 @@ if(MEDMOE_VULKAN)
   # Under MEDMOE_SANITIZE, tests/CMakeLists.txt preloads lavapipe for every test
   # (its one-time init leaks 128 bytes from a module that would be unloaded).
 endif()
+# The same checks with tensors in non-mapped memory and every upload, readback
+# and zeroing done by GPU copies and fills through the staging buffer: the
+# placement discrete GPUs get, forced here on lavapipe (kernels/vulkan/vk_memory.c);
+# and with subgroups off, so the shared-memory reductions run too (lavapipe has
+# subgroup arithmetic, so the plain runs take the subgroup shaders).
+if(TARGET vk_selftest)
+  add_test(NAME vulkan_selftest_staging COMMAND vk_selftest)
+  set_tests_properties(vulkan_selftest_staging PROPERTIES SKIP_RETURN_CODE 77 TIMEOUT 300
+                       ENVIRONMENT "MEDMOE_VK_MEMORY=staging;MEDMOE_VK_SUBGROUPS=0" LABELS "kernels;vulkan")
+  add_test(NAME kernels_vulkan_staging COMMAND test_kernels vulkan)
+  set_tests_properties(kernels_vulkan_staging PROPERTIES SKIP_RETURN_CODE 77 TIMEOUT 600
+                       ENVIRONMENT "MEDMOE_VK_MEMORY=staging;MEDMOE_VK_SUBGROUPS=0" LABELS "kernels;vulkan")
+endif()

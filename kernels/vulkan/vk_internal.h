@@ -4,8 +4,9 @@
  *   vk_memory.c      device memory blocks, tensor sub-allocation, host copies
  *   vulkan_backend.c command recording, barriers, submission, the ops
  *
- * Memory model: tensors live in a few large host-visible VkDeviceMemory
- * blocks, each with one VkBuffer and one persistent mapping; a root tensor
+ * Memory model: tensors live in a few large VkDeviceMemory blocks (device-
+ * local on discrete GPUs, mapped on unified-memory ones: vk_memory.c), each
+ * with one VkBuffer; a root tensor
  * is a sub-range of a block (offset aligned to minStorageBufferOffsetAlignment),
  * so it is bound as (block buffer, root offset, root size) and a view adds
  * an element offset in push constants.
@@ -23,9 +24,18 @@ typedef enum mm_vk_pipe {
     MM_VK_MATMUL_F32,
     MM_VK_MATMUL_F16,
     MM_VK_MATMUL_BF16,
-    MM_VK_GEMV_F32,
+    MM_VK_GEMV_F32, /* gemv: M == 1, shared-memory reduction           */
     MM_VK_GEMV_F16,
     MM_VK_GEMV_BF16,
+    MM_VK_GEMV16_F32, /* gemv16: 2 <= M <= 16, weights read once         */
+    MM_VK_GEMV16_F16,
+    MM_VK_GEMV16_BF16,
+    MM_VK_GEMV_SG_F32, /* the same two with subgroup reductions: created */
+    MM_VK_GEMV_SG_F16, /* only when the device has subgroup arithmetic   */
+    MM_VK_GEMV_SG_BF16,
+    MM_VK_GEMV16_SG_F32,
+    MM_VK_GEMV16_SG_F16,
+    MM_VK_GEMV16_SG_BF16,
     MM_VK_GET_ROWS_F32,
     MM_VK_GET_ROWS_F16,
     MM_VK_GET_ROWS_BF16,
@@ -48,8 +58,12 @@ typedef enum mm_vk_pipe {
     1024                    /* dispatches per submission (drivers reset the device                 \
                                on very long ones); also the descriptor pool size  */
 #define MM_VK_MAX_ACCESS 64 /* ranges tracked for hazards since the last barrier  */
-#define MM_VK_BLOCK_BYTES ((VkDeviceSize)256 << 20)         /* default memory block size      */
-#define MM_VK_FENCE_TIMEOUT_NS (60ull * 1000 * 1000 * 1000) /* bounded wait in sync()  */
+#define MM_VK_BLOCK_BYTES ((VkDeviceSize)256 << 20) /* default memory block size      */
+/* Bounded wait in sync(): a GPU that takes a minute over one submission is
+ * hung; a CPU device (lavapipe) on a loaded host may take that long over a
+ * full-width prefill, so it gets ten. */
+#define MM_VK_FENCE_TIMEOUT_NS (60ull * 1000 * 1000 * 1000)
+#define MM_VK_FENCE_TIMEOUT_CPU_NS (600ull * 1000 * 1000 * 1000)
 
 typedef struct mm_vk_range {
     VkDeviceSize off, size; /* a free byte range of a block */
@@ -59,7 +73,7 @@ typedef struct mm_vk_block {
     VkDeviceMemory mem;  /* the allocation                           */
     VkBuffer buf;        /* one storage buffer over the whole block  */
     VkDeviceSize size;   /* bytes                                    */
-    char *map;           /* persistent host mapping of the block     */
+    char *map;           /* persistent host mapping (mapped mode)    */
     mm_vk_range *free;   /* free ranges sorted by offset, coalesced  */
     size_t nfree, cfree; /* count and capacity of free               */
     size_t nallocs;      /* live allocations in the block            */
@@ -67,9 +81,11 @@ typedef struct mm_vk_block {
 
 /* t->impl of a root tensor. */
 typedef struct mm_vk_alloc {
-    size_t block;      /* index into mm_vk.blocks           */
-    VkDeviceSize off;  /* byte offset in the block (aligned) */
-    VkDeviceSize size; /* bytes reserved (rounded up)        */
+    size_t block;       /* index into mm_vk.blocks           */
+    VkDeviceSize off;   /* byte offset in the block (aligned) */
+    VkDeviceSize size;  /* bytes reserved (rounded up)        */
+    VkDeviceSize range; /* descriptor range: <= maxStorageBufferRange */
+    int zero;           /* not yet zeroed: zero before the first read */
 } mm_vk_alloc;
 
 /* A byte range touched by a recorded dispatch since the last barrier. */
@@ -80,8 +96,11 @@ typedef struct mm_vk_access {
 } mm_vk_access;
 
 typedef struct mm_vk {
-    mm_backend *be; /* owner, for be->error                          */
-    char desc[640]; /* describe() text                               */
+    mm_backend *be;                /* owner, for be->error                          */
+    char desc[1024];               /* describe() text: device, how chosen, memory   */
+    char chosen_by[96];            /* "MEDMOE_VK_DEVICE='...'" or the default rule */
+    char uuid[48], pci[24];        /* of the chosen device ("n/a" without PCI info) */
+    uint32_t dev_index, dev_count; /* its index among the enumerated devices */
 
     VkInstance inst;
     VkPhysicalDevice phys;
@@ -91,7 +110,17 @@ typedef struct mm_vk {
     VkQueue queue;
 
     /* memory */
-    uint32_t mem_type;      /* host-visible + coherent type for blocks  */
+    int mapped;         /* blocks host-visible and mapped (unified)  */
+    uint32_t mem_type;  /* memory type of the blocks                 */
+    char mem_desc[320]; /* the placement, for describe()             */
+    VkBuffer stage_buf; /* staging mode: host-visible copy buffer    */
+    VkDeviceMemory stage_mem;
+    char *stage_map;
+    VkDeviceSize stage_size;
+    uint32_t stage_type;
+    int stage_coherent;   /* else flush/invalidate around copies       */
+    VkCommandBuffer xcmd; /* staging copies (the queue is idle)        */
+    VkFence xfence;
     VkDeviceSize align;     /* root allocation alignment                 */
     VkDeviceSize max_alloc; /* maxMemoryAllocationSize (or heap size)    */
     VkDeviceSize max_range; /* maxStorageBufferRange = max tensor bytes  */
@@ -117,6 +146,11 @@ typedef struct mm_vk {
     mm_vk_access acc[MM_VK_MAX_ACCESS];
     unsigned nacc;
     int broken; /* a submission failed or timed out: the device state is unknown */
+    uint64_t fence_timeout_ns;
+    int subgroup; /* subgroup arithmetic in compute: the _SG pipelines */
+    uint32_t subgroup_size;
+        /* lanes, for describe()                             */ /* MM_VK_FENCE_TIMEOUT_NS, or
+                                                                   _CPU_NS on a CPU device */
 } mm_vk;
 
 /* Record a failing Vulkan call: "<what>: <call> failed: VK_..." → MM_EDEVICE. */
@@ -134,6 +168,9 @@ int mm_vk_tensor_alloc(void *ctx, mm_tensor *t);
 void mm_vk_tensor_free(void *ctx, mm_tensor *t);
 int mm_vk_write(void *ctx, mm_tensor *root, size_t off, const void *src, size_t n);
 int mm_vk_read(void *ctx, mm_tensor *root, size_t off, void *dst, size_t n);
+/* Zero a's range before its first read: memset when mapped, else a fill
+ * recorded into cmd followed by a transfer->compute barrier. Clears a->zero. */
+void mm_vk_zero_record(mm_vk *vk, VkCommandBuffer cmd, mm_vk_alloc *a);
 
 /* vulkan_backend.c */
 int mm_vk_exec_init(mm_vk *vk, char *err, size_t errlen);

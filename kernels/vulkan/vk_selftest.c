@@ -2,7 +2,8 @@
  * against the cpu backend on the same inputs: dispatch chains longer than
  * one submission, read-after-write hazards without syncs, tensors freed
  * while their ops are pending, f16/bf16 views at odd element offsets, long
- * attention contexts, and device-selection errors.
+ * attention contexts, zeroing of reused memory, descriptor ranges at the
+ * device's limit, and device selection (index, name, UUID) and its errors.
  *
  * A plain program: exit 0 pass, 1 fail, 77 no Vulkan device (unless
  * MEDMOE_REQUIRE_VULKAN=1). Registered by tests/vulkan.cmake.
@@ -191,6 +192,45 @@ static void t_big_matmul(pair *p) {
     s_free(&o);
 }
 
+/* The GEMV paths (M = 1, and 2..16 rows reading the weights once) against the
+ * cpu backend for every weight dtype: K a multiple of 8 (16-byte loads) and
+ * odd (element loads), N not a multiple of the outputs per workgroup, with
+ * and without bias, and a weight view at a row offset that breaks the
+ * 8-element alignment. Tolerance 1e-4 relative: f32 sums of up to 1000
+ * products of values in [-1, 1] in another order. */
+static void t_gemv(pair *p) {
+    mm_dtype dts[3] = {MM_F32, MM_F16, MM_BF16};
+    size_t Ms[] = {1, 2, 3, 5, 8, 13, 16, 17};
+    size_t Ks[] = {8, 256, 1000, 77};
+    size_t Ns[] = {1, 7, 130};
+    for (int d = 0; d < 3; d++)
+        for (size_t ki = 0; ki < sizeof Ks / sizeof Ks[0]; ki++)
+            for (size_t ni = 0; ni < sizeof Ns / sizeof Ns[0]; ni++) {
+                size_t K = Ks[ki], N = Ns[ni];
+                tt w = s_rand_t(p, dts[d], 2, N + 3, K, 0), b = s_rand_t(p, MM_F32, 1, N, 0, 0);
+                tt wv = s_view(p, w, ni == 1 ? 3 : 0, N); /* row 3: offset 3K */
+                for (size_t mi = 0; mi < sizeof Ms / sizeof Ms[0]; mi++) {
+                    size_t M = Ms[mi];
+                    int bias = (mi + ki) % 2;
+                    tt x = s_rand_t(p, MM_F32, 2, M, K, 0), o = s_new(p, MM_F32, 2, M, N, 0);
+                    s_check(p, mm_matmul(p->vk, o.v, x.v, wv.v, bias ? b.v : NULL), p->vk,
+                            "gemv vulkan");
+                    s_check(p, mm_matmul(p->cpu, o.c, x.c, wv.c, bias ? b.c : NULL), p->cpu,
+                            "gemv cpu");
+                    char what[128];
+                    snprintf(what, sizeof what, "gemv %s M=%zu K=%zu N=%zu%s%s",
+                             mm_dtype_name(dts[d]), M, K, N, bias ? " +bias" : "",
+                             ni == 1 ? " (view at row 3)" : "");
+                    s_cmp(p, o, 1e-4f, what);
+                    s_free(&x);
+                    s_free(&o);
+                }
+                s_free(&wv);
+                s_free(&w);
+                s_free(&b);
+            }
+}
+
 /* Prefill of 150 tokens then decode, GQA, head_dim 128 (two dims per thread). */
 static void t_long_attention(pair *p) {
     int H = 4, KVH = 2, hd = 128, ctx = 200;
@@ -229,28 +269,133 @@ static void t_long_attention(pair *p) {
         s_free(all[i]);
 }
 
-static void t_device_env(pair *p) {
-    char err[512];
-    mm_backend *be = NULL;
-    setenv("MEDMOE_VK_DEVICE", "no-such-device-xyz", 1);
-    int rc = mm_backend_new("vulkan", &be, err, sizeof err);
-    if (rc == MM_OK || be || !strstr(err, "no-such-device-xyz")) {
-        fprintf(stderr, "FAIL MEDMOE_VK_DEVICE naming nothing: rc %d, err '%s'\n", rc, err);
-        p->fails++;
-        mm_backend_destroy(&be);
-    } else {
-        printf("ok   MEDMOE_VK_DEVICE naming nothing -> %s: %s\n", mm_status_str(rc), err);
+/* A new tensor over a range that held data must read as zeros where an op
+ * only adds into it (scatter_add reads its destination): the zeroing at first
+ * use (vkCmdFillBuffer in staging mode, memset when mapped) is what does it. */
+static void t_zero_reuse(pair *p) {
+    for (int round = 0; round < 2; round++) {
+        tt junk = s_rand_t(p, MM_F32, 2, 64, 96, 0);
+        s_free(&junk); /* its range goes back to the free list, dirty */
+        tt dst = s_new(p, MM_F32, 2, 64, 96, 0), src = s_rand_t(p, MM_F32, 2, 3, 96, 0);
+        tt idx = s_new(p, MM_I32, 1, 3, 0, 0);
+        int32_t iv[3] = {5, 0, 63};
+        mm_tensor_set(idx.v, iv, MM_I32);
+        mm_tensor_set(idx.c, iv, MM_I32);
+        s_check(p, mm_scatter_add_rows(p->vk, dst.v, src.v, idx.v, NULL), p->vk, "scatter vulkan");
+        s_check(p, mm_scatter_add_rows(p->cpu, dst.c, src.c, idx.c, NULL), p->cpu, "scatter cpu");
+        s_cmp(p, dst, 0, "scatter_add into a new tensor over a reused range (zeroed at first use)");
+        s_free(&dst);
+        s_free(&src);
+        s_free(&idx);
     }
-    setenv("MEDMOE_VK_DEVICE", "0", 1);
-    rc = mm_backend_new("vulkan", &be, err, sizeof err);
-    if (rc != MM_OK) {
-        fprintf(stderr, "FAIL MEDMOE_VK_DEVICE=0: %s\n", err);
+}
+
+/* 0 when MEDMOE_VK_DEVICE=sel opens a backend whose description holds want. */
+static void s_select_ok(pair *p, const char *sel, const char *want) {
+    char err[1024];
+    mm_backend *be = NULL;
+    setenv("MEDMOE_VK_DEVICE", sel, 1);
+    int rc = mm_backend_new("vulkan", &be, err, sizeof err);
+    if (rc != MM_OK || !strstr(mm_backend_describe(be), want)) {
+        fprintf(stderr, "FAIL MEDMOE_VK_DEVICE='%s': rc %d, %s\n", sel, rc,
+                rc == MM_OK ? mm_backend_describe(be) : err);
         p->fails++;
     } else {
-        printf("ok   MEDMOE_VK_DEVICE=0 -> %s\n", mm_backend_describe(be));
+        printf("ok   MEDMOE_VK_DEVICE='%s' selects the device\n", sel);
     }
     mm_backend_destroy(&be);
     unsetenv("MEDMOE_VK_DEVICE");
+}
+
+/* A selector naming nothing fails with the status, the selector and the list
+ * of devices (index: name [type] uuid ...). */
+static void s_select_bad(pair *p, const char *sel, const char *reason) {
+    char err[1024];
+    mm_backend *be = NULL;
+    setenv("MEDMOE_VK_DEVICE", sel, 1);
+    int rc = mm_backend_new("vulkan", &be, err, sizeof err);
+    if (rc != MM_ENOTFOUND || be || !strstr(err, sel) || !strstr(err, reason) ||
+        !strstr(err, "have: 0: ") || !strstr(err, "uuid GPU-")) {
+        fprintf(stderr, "FAIL MEDMOE_VK_DEVICE='%s' (bad): rc %d, err '%s'\n", sel, rc, err);
+        p->fails++;
+        mm_backend_destroy(&be);
+    } else {
+        printf("ok   MEDMOE_VK_DEVICE='%s' -> %s: %s\n", sel, mm_status_str(rc), err);
+    }
+    unsetenv("MEDMOE_VK_DEVICE");
+}
+
+/* Selection by index, name, UUID (whole, prefix, with "uuid:"), and errors. */
+static void t_device_select(pair *p, const char *desc) {
+    /* the default device's name, UUID and index, from its description
+     * "vulkan: NAME [type], driver; device I of N (uuid GPU-..., pci ...)" */
+    char name[256] = "", uuid[64] = "", idx[16] = "";
+    const char *a = desc + strlen("vulkan: "), *b = strstr(a, " [");
+    const char *u = strstr(desc, "uuid "), *d = strstr(desc, "; device ");
+    if (!b || !u || !d) {
+        fprintf(stderr, "FAIL describe() lacks name/uuid/index: %s\n", desc);
+        p->fails++;
+        return;
+    }
+    snprintf(name, sizeof name, "%.*s", (int)(b - a), a);
+    sscanf(u + 5, "%63[^,]", uuid);
+    sscanf(d + 9, "%15[0-9]", idx);
+    char want[128], sel[128];
+    snprintf(want, sizeof want, "uuid %s", uuid);
+    s_select_ok(p, idx, want);
+    s_select_ok(p, "index:0", "device 0 of");
+    s_select_ok(p, uuid, want);
+    snprintf(sel, sizeof sel, "uuid:%s", uuid + 4); /* without "GPU-" */
+    s_select_ok(p, sel, want);
+    snprintf(sel, sizeof sel, "%.12s", uuid); /* "GPU-" + 8 digits: a prefix */
+    s_select_ok(p, sel, want);
+    /* a name in another case, a part of it */
+    snprintf(sel, sizeof sel, "%.6s", name);
+    for (char *c = sel; *c; c++)
+        *c = (char)((*c >= 'a' && *c <= 'z') ? *c - 32 : (*c >= 'A' && *c <= 'Z') ? *c + 32 : *c);
+    s_select_ok(p, sel, want);
+    snprintf(sel, sizeof sel, "name:%s", name);
+    s_select_ok(p, sel, want);
+    s_select_bad(p, "no-such-device-xyz", "names no device");
+    s_select_bad(p, "99", "is not the index of a device");
+    s_select_bad(p, "GPU-00000000-dead-beef-0000-000000000000", "is the UUID of no device");
+    s_select_bad(p, "uuid:12", "is not a UUID");
+    s_select_bad(p, "0000:99:1f.7", "is the PCI bus id of no device");
+    s_select_bad(p, "pci:zz", "is not a PCI bus id");
+}
+
+/* A tensor of exactly the largest size the backend allows, on a device whose
+ * maxStorageBufferRange is not a multiple of its offset alignment (simulated:
+ * MEDMOE_VK_TEST_LIMITS): its descriptor range must stay within the limit
+ * (run_op refuses a range above it), and ops on it must be right. */
+static void t_range_limit(pair *p) {
+    setenv("MEDMOE_VK_TEST_LIMITS", "range=1048600,align=256", 1);
+    char err[512];
+    mm_backend *vk = NULL;
+    int rc = mm_backend_new("vulkan", &vk, err, sizeof err);
+    unsetenv("MEDMOE_VK_TEST_LIMITS");
+    if (rc != MM_OK) {
+        fprintf(stderr, "FAIL backend with MEDMOE_VK_TEST_LIMITS: %s\n", err);
+        p->fails++;
+        return;
+    }
+    size_t max = mm_backend_max_tensor_bytes(vk); /* 1048592: the limit rounded down by 16 */
+    size_t cols = max / 4 / 4;                    /* [4, cols] f32 of exactly max bytes */
+    mm_backend *saved = p->vk;
+    p->vk = vk;
+    if (max != 1048592 || cols * 16 != max) {
+        fprintf(stderr, "FAIL max tensor bytes %zu under range=1048600 (want 1048592)\n", max);
+        p->fails++;
+    } else {
+        tt x = s_rand_t(p, MM_F32, 2, 4, cols, 0), o = s_new(p, MM_F32, 2, 4, cols, 0);
+        s_check(p, mm_scale(p->vk, o.v, x.v, 3.0f), p->vk, "scale at the range limit vulkan");
+        s_check(p, mm_scale(p->cpu, o.c, x.c, 3.0f), p->cpu, "scale cpu");
+        s_cmp(p, o, 0, "a tensor of exactly max_tensor_bytes, limit not a multiple of 256");
+        s_free(&x);
+        s_free(&o);
+    }
+    p->vk = saved;
+    mm_backend_destroy(&vk);
 }
 
 int main(void) {
@@ -272,9 +417,14 @@ int main(void) {
     t_free_pending(&p);
     t_half_views(&p);
     t_big_matmul(&p);
+    t_gemv(&p);
     t_long_attention(&p);
+    t_zero_reuse(&p);
+    char desc[1024];
+    snprintf(desc, sizeof desc, "%s", mm_backend_describe(p.vk));
     mm_backend_destroy(&p.vk);
-    t_device_env(&p);
+    t_range_limit(&p);
+    t_device_select(&p, desc);
     mm_backend_destroy(&p.cpu);
     printf("%s (%d failures)\n", p.fails ? "FAILED" : "passed", p.fails);
     return p.fails ? 1 : 0;

@@ -61,6 +61,16 @@ static int s_begin(mm_vk *vk) {
     vk->recording = 1;
     vk->ndispatch = 0;
     vk->nacc = 0;
+    /* Shader and copy writes of earlier submissions -> this one (the host's
+     * fence wait orders them in time, but only a barrier makes device writes
+     * visible to later device work). */
+    VkMemoryBarrier mb = {.sType = VK_STRUCTURE_TYPE_MEMORY_BARRIER,
+                          .srcAccessMask =
+                              VK_ACCESS_SHADER_WRITE_BIT | VK_ACCESS_TRANSFER_WRITE_BIT,
+                          .dstAccessMask = VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT};
+    vkCmdPipelineBarrier(vk->cmd,
+                         VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | VK_PIPELINE_STAGE_TRANSFER_BIT,
+                         VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, 0, 1, &mb, 0, NULL, 0, NULL);
     return MM_OK;
 }
 
@@ -95,13 +105,14 @@ int mm_vk_sync(void *ctx) {
         vk->broken = 1;
         return mm_vk_fail(vk, r, "sync", "vkQueueSubmit");
     }
-    r = vkWaitForFences(vk->dev, 1, &vk->fence, VK_TRUE, MM_VK_FENCE_TIMEOUT_NS);
+    r = vkWaitForFences(vk->dev, 1, &vk->fence, VK_TRUE, vk->fence_timeout_ns);
     if (r == VK_TIMEOUT) {
         vk->broken = 1;
         return mm_backend_fail(vk->be, MM_ETIMEOUT,
                                "vulkan: sync: a submission of %u dispatches did not finish in "
                                "%llu s on %s",
-                               vk->ndispatch, MM_VK_FENCE_TIMEOUT_NS / 1000000000ull,
+                               vk->ndispatch,
+                               (unsigned long long)(vk->fence_timeout_ns / 1000000000ull),
                                vk->props.deviceName);
     }
     if (r != VK_SUCCESS) {
@@ -127,9 +138,28 @@ int mm_vk_sync(void *ctx) {
 
 /* One tensor binding of a dispatch. */
 typedef struct s_bind {
-    const mm_tensor *t; /* NULL: the dummy buffer */
-    int write;          /* the shader writes it   */
+    const mm_tensor *t; /* NULL: the dummy buffer                          */
+    int write;          /* 1 the shader writes it; 2 writes every element of
+                           t without reading it first (no zeroing needed)   */
 } s_bind;
+
+/* Zero, before this dispatch, every root that is still unzeroed and that the
+ * dispatch may read (any binding but a full overwrite of the whole root);
+ * a full overwrite of a whole root just drops the mark. */
+static void s_zero_for(mm_vk *vk, const s_bind *binds, int nbinds) {
+    for (int i = 0; i < nbinds; i++) {
+        const mm_tensor *t = binds[i].t;
+        if (!t)
+            continue;
+        const mm_tensor *root = mm_tensor_root(t);
+        mm_vk_alloc *a = root->impl;
+        if (a->zero && !(binds[i].write == 2 && t->offset == 0 && t->nbytes == root->nbytes))
+            mm_vk_zero_record(vk, vk->cmd, a);
+    }
+    for (int i = 0; i < nbinds; i++)
+        if (binds[i].t)
+            ((mm_vk_alloc *)mm_tensor_root(binds[i].t)->impl)->zero = 0;
+}
 
 static int s_overlap(const mm_vk_access *a, const mm_vk_access *b) {
     return a->block == b->block && a->lo < b->hi && b->lo < a->hi;
@@ -155,6 +185,7 @@ static int s_dispatch(mm_vk *vk, mm_vk_pipe pipe, const s_bind *binds, int nbind
     int rc = s_begin(vk);
     if (rc != MM_OK)
         return rc;
+    s_zero_for(vk, binds, nbinds);
 
     /* Hazards against what was recorded since the last barrier. */
     mm_vk_access now[MM_VK_BINDINGS];
@@ -200,9 +231,17 @@ static int s_dispatch(mm_vk *vk, mm_vk_pipe pipe, const s_bind *binds, int nbind
     for (int i = 0; i < MM_VK_BINDINGS; i++) {
         const mm_tensor *t = i < nbinds ? binds[i].t : NULL;
         const mm_vk_alloc *a = t ? mm_tensor_root(t)->impl : &vk->dummy;
-        /* the whole root allocation: its offset is aligned, its size a
-         * multiple of 16 and at most maxStorageBufferRange */
-        bi[i] = (VkDescriptorBufferInfo){vk->blocks[a->block].buf, a->off, a->size};
+        /* the whole root allocation: its offset is aligned, its range at
+         * most maxStorageBufferRange (checked: a range over the limit is
+         * undefined behaviour that validation layers flag and drivers may
+         * clamp) */
+        if (a->range > vk->max_range)
+            return mm_backend_fail(vk->be, MM_EINVAL,
+                                   "vulkan: dispatch: binding %d range %llu bytes exceeds "
+                                   "maxStorageBufferRange %llu",
+                                   i, (unsigned long long)a->range,
+                                   (unsigned long long)vk->max_range);
+        bi[i] = (VkDescriptorBufferInfo){vk->blocks[a->block].buf, a->off, a->range};
         w[i] = (VkWriteDescriptorSet){.sType = VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET,
                                       .dstSet = set,
                                       .dstBinding = (uint32_t)i,
@@ -244,12 +283,17 @@ static int s_matmul(mm_vk *vk, const mm_op *op) {
         uint32_t M, N, K, x_off, w_off, b_off, o_off, has_bias;
     } pc = {(uint32_t)s_rows(x), (uint32_t)w->shape[0], (uint32_t)w->shape[1], s_eoff(x),
             s_eoff(w),           b ? s_eoff(b) : 0,     s_eoff(op->dst),       b != NULL};
-    s_bind binds[] = {{x, 0}, {w, 0}, {b, 0}, {op->dst, 1}};
+    s_bind binds[] = {{x, 0}, {w, 0}, {b, 0}, {op->dst, 2}};
     int wt = w->dtype == MM_F16 ? 1 : w->dtype == MM_BF16 ? 2 : 0;
-    if (pc.M == 1) {
+    if (pc.M <= 16) {
+        /* gemv: 4 outputs per workgroup (M == 1); gemv16: 2 outputs for
+         * all M <= 16 rows, each weight read once */
+        int many = pc.M > 1;
+        mm_vk_pipe p =
+            (mm_vk_pipe)((vk->subgroup ? MM_VK_GEMV_SG_F32 : MM_VK_GEMV_F32) + (many ? 3 : 0) + wt);
         uint32_t gx, gy;
-        s_grid(pc.N, &gx, &gy);
-        return DISPATCH((mm_vk_pipe)(MM_VK_GEMV_F32 + wt), binds, pc, gx, gy, 1);
+        s_grid(s_div_up(pc.N, many ? 2 : 4), &gx, &gy);
+        return DISPATCH(p, binds, pc, gx, gy, 1);
     }
     return DISPATCH((mm_vk_pipe)(MM_VK_MATMUL_F32 + wt), binds, pc, (uint32_t)s_div_up(pc.N, 32),
                     (uint32_t)s_div_up(pc.M, 32), 1);
@@ -261,7 +305,7 @@ static int s_binary(mm_vk *vk, const mm_op *op, uint32_t kind) {
         uint32_t n, cols, a_off, b_off, o_off, op, b_row;
     } pc = {(uint32_t)a->nelem,  (uint32_t)s_cols(a), s_eoff(a), s_eoff(b), s_eoff(op->dst), kind,
             b->nelem != a->nelem};
-    s_bind binds[] = {{a, 0}, {b, 0}, {op->dst, 1}};
+    s_bind binds[] = {{a, 0}, {b, 0}, {op->dst, 2}};
     uint32_t gx, gy;
     s_grid(s_div_up(a->nelem, 256), &gx, &gy);
     return DISPATCH(MM_VK_BINARY, binds, pc, gx, gy, 1);
@@ -273,7 +317,7 @@ static int s_unary(mm_vk *vk, const mm_op *op, uint32_t kind, float f) {
         uint32_t n, x_off, o_off, op;
         float f;
     } pc = {(uint32_t)x->nelem, s_eoff(x), s_eoff(op->dst), kind, f};
-    s_bind binds[] = {{x, 0}, {op->dst, 1}};
+    s_bind binds[] = {{x, 0}, {op->dst, 2}};
     uint32_t gx, gy;
     s_grid(s_div_up(x->nelem, 256), &gx, &gy);
     return DISPATCH(MM_VK_UNARY, binds, pc, gx, gy, 1);
@@ -292,7 +336,7 @@ static int s_norm(mm_vk *vk, const mm_op *op, int rms) {
             s_eoff(op->dst),
             (w ? 1u : 0u) | (b ? 2u : 0u) | (rms ? 4u : 0u),
             op->f[0]};
-    s_bind binds[] = {{x, 0}, {w, 0}, {b, 0}, {op->dst, 1}};
+    s_bind binds[] = {{x, 0}, {w, 0}, {b, 0}, {op->dst, 2}};
     uint32_t gx, gy;
     s_grid(pc.rows, &gx, &gy);
     return DISPATCH(MM_VK_NORM, binds, pc, gx, gy, 1);
@@ -303,7 +347,7 @@ static int s_softmax(mm_vk *vk, const mm_op *op) {
     struct {
         uint32_t rows, cols, x_off, o_off;
     } pc = {(uint32_t)s_rows(x), (uint32_t)s_cols(x), s_eoff(x), s_eoff(op->dst)};
-    s_bind binds[] = {{x, 0}, {op->dst, 1}};
+    s_bind binds[] = {{x, 0}, {op->dst, 2}};
     uint32_t gx, gy;
     s_grid(pc.rows, &gx, &gy);
     return DISPATCH(MM_VK_SOFTMAX, binds, pc, gx, gy, 1);
@@ -362,7 +406,7 @@ static int s_attention(mm_vk *vk, const mm_op *op) {
             s_eoff(seq),
             s_eoff(op->dst),
             op->f[0]};
-    s_bind binds[] = {{q, 0}, {k, 0}, {v, 0}, {seq, 0}, {op->dst, 1}};
+    s_bind binds[] = {{q, 0}, {k, 0}, {v, 0}, {seq, 0}, {op->dst, 2}};
     uint32_t gx, gy;
     s_grid((size_t)pc.T * pc.n_heads, &gx, &gy);
     return DISPATCH(MM_VK_ATTENTION, binds, pc, gx, gy, 1);
@@ -374,7 +418,7 @@ static int s_topk(mm_vk *vk, const mm_op *op) {
         uint32_t T, E, k, x_off, i_off, v_off;
     } pc = {(uint32_t)x->shape[0], (uint32_t)x->shape[1], (uint32_t)op->i[0], s_eoff(x),
             s_eoff(op->dst),       s_eoff(op->dst2)};
-    s_bind binds[] = {{x, 0}, {op->dst, 1}, {op->dst2, 1}};
+    s_bind binds[] = {{x, 0}, {op->dst, 2}, {op->dst2, 2}};
     uint32_t gx, gy;
     s_grid(s_div_up(pc.T, 64), &gx, &gy);
     return DISPATCH(MM_VK_TOPK, binds, pc, gx, gy, 1);
@@ -386,7 +430,7 @@ static int s_get_rows(mm_vk *vk, const mm_op *op) {
         uint32_t n, cols, rows, s_off, i_off, o_off;
     } pc = {(uint32_t)idx->nelem, (uint32_t)src->shape[1], (uint32_t)src->shape[0], s_eoff(src),
             s_eoff(idx),          s_eoff(op->dst)};
-    s_bind binds[] = {{src, 0}, {idx, 0}, {op->dst, 1}};
+    s_bind binds[] = {{src, 0}, {idx, 0}, {op->dst, 2}};
     int st = src->dtype == MM_F16 ? 1 : src->dtype == MM_BF16 ? 2 : 0;
     uint32_t gx, gy;
     s_grid(s_div_up(op->dst->nelem, 256), &gx, &gy);
@@ -421,7 +465,7 @@ static int s_im2col(mm_vk *vk, const mm_op *op) {
             (uint32_t)op->i[0],
             s_eoff(img),
             s_eoff(op->dst)};
-    s_bind binds[] = {{img, 0}, {op->dst, 1}};
+    s_bind binds[] = {{img, 0}, {op->dst, 2}};
     uint32_t gx, gy;
     s_grid(s_div_up(op->dst->nelem, 256), &gx, &gy);
     return DISPATCH(MM_VK_IM2COL, binds, pc, gx, gy, 1);

@@ -32,6 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.normpath(os.path.join(HERE, "..", ".."))
 ORCH = os.path.join(ROOT, "orchestration")
 K8S = os.path.join(ORCH, "kubernetes")
+K8S_GPU = os.path.join(ORCH, "kubernetes-gpu")  # overlay: Vulkan backend, one nvidia.com/gpu per pod
 
 # Flags the manifests use before the program has them (each is reported, not failed).
 ASSUMED_FLAGS = {}  # none left: medmoe-router --metrics-listen exists (common/metrics.c)
@@ -47,13 +48,13 @@ def err(msg):
     errors.append(msg)
 
 
-def load():
+def load(path=K8S):
     kubectl = shutil.which("kubectl")
     if kubectl:
-        p = subprocess.run([kubectl, "kustomize", K8S], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        p = subprocess.run([kubectl, "kustomize", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, timeout=60)
         if p.returncode != 0:
-            err("kubectl kustomize %s failed: %s" % (K8S, p.stderr.strip()))
+            err("kubectl kustomize %s failed: %s" % (path, p.stderr.strip()))
             return []
         notes.append("rendered with `kubectl kustomize` (%s)" % kubectl)
         return [d for d in yaml.safe_load_all(p.stdout) if d]
@@ -271,6 +272,36 @@ def check(docs, bins):
     return by
 
 
+def check_gpu(docs):
+    """The GPU overlay: the router and every expert run --backend=vulkan with exactly one
+    nvidia.com/gpu, the runtime mounts the Vulkan ICD (NVIDIA_DRIVER_CAPABILITIES has graphics),
+    and the GPU nodes' taint is tolerated; nothing else may ask for a GPU."""
+    n = 0
+    for d in docs:
+        if d["kind"] != "Deployment":
+            continue
+        name = d["metadata"]["name"]
+        c = d["spec"]["template"]["spec"]["containers"][0]
+        limits = c.get("resources", {}).get("limits", {})
+        env = {e["name"]: e.get("value", "") for e in c.get("env", [])}
+        tol = d["spec"]["template"]["spec"].get("tolerations", [])
+        n += 1
+        if "--backend=vulkan" not in c.get("args", []):
+            err("kubernetes-gpu: Deployment/%s does not pass --backend=vulkan" % name)
+        if str(limits.get("nvidia.com/gpu")) != "1":
+            err("kubernetes-gpu: Deployment/%s limits nvidia.com/gpu %r, want 1" % (name, limits.get("nvidia.com/gpu")))
+        if "graphics" not in env.get("NVIDIA_DRIVER_CAPABILITIES", "").split(","):
+            err("kubernetes-gpu: Deployment/%s: NVIDIA_DRIVER_CAPABILITIES lacks graphics (no Vulkan ICD)" % name)
+        if not any(t.get("key") == "nvidia.com/gpu" for t in tol):
+            err("kubernetes-gpu: Deployment/%s does not tolerate the nvidia.com/gpu taint" % name)
+    for d in docs:
+        spec = pod_spec(d)
+        if d["kind"] != "Deployment" and spec and any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {})
+                                                      for c in spec["containers"]):
+            err("kubernetes-gpu: %s/%s asks for a GPU" % (d["kind"], d["metadata"]["name"]))
+    notes.append("kubernetes-gpu: %d Deployments with one GPU each" % n)
+
+
 def check_dockerfile():
     path = os.path.join(ORCH, "Dockerfile")
     with open(path) as f:
@@ -320,6 +351,11 @@ def main():
     if docs:
         by = check(docs, {"medmoe-router": a.router, "medmoe-expert": a.expert})
         notes.append("%d objects: %s" % (len(by), ", ".join(sorted("%s/%s" % k for k in by))))
+    if shutil.which("kubectl"):  # the overlay needs kustomize to render
+        gdocs = load(K8S_GPU)
+        if gdocs:
+            check(gdocs, {"medmoe-router": a.router, "medmoe-expert": a.expert})
+            check_gpu(gdocs)
     check_dockerfile()
     check_example_config()
     for n in notes:
