@@ -42,6 +42,8 @@ typedef struct mm_op {
     float f[2];              /* float parameters, per type above       */
 } mm_op;
 
+#define MM_QUEUED_WRITE_MAX 65536 /* vkCmdUpdateBuffer's limit */
+
 typedef struct mm_backend_ops {
     const char *name;
     void (*destroy)(void *ctx);
@@ -61,6 +63,14 @@ typedef struct mm_backend_ops {
     int (*write)(void *ctx, mm_tensor *root, size_t off, const void *src, size_t n);
     int (*read)(void *ctx, mm_tensor *root, size_t off, void *dst, size_t n);
     int (*sync)(void *ctx);
+    /* optional: write n bytes (n <= MM_QUEUED_WRITE_MAX, off and n multiples
+     * of 4) in queue order, without a sync: ops enqueued before see the old
+     * bytes, ops enqueued after the new ones; src may be reused at once.
+     * (vulkan: vkCmdUpdateBuffer, so small per-layer uploads such as expert
+     * row indices do not force a submit-and-wait.) */
+    int (*write_queued)(void *ctx, mm_tensor *root, size_t off, const void *src, size_t n);
+    /* optional: start what is enqueued without waiting for it */
+    int (*flush)(void *ctx);
     /* Enqueue (vulkan) or compute (cpu) one validated op. Tensors may be
      * views: their storage is mm_tensor_root(t) at byte offset t->offset,
      * which need not meet any device alignment (vulkan: pass element

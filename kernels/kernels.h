@@ -112,6 +112,10 @@ mm_dtype mm_backend_weight_dtype(const mm_backend *be, mm_dtype t);
 size_t mm_backend_max_tensor_bytes(const mm_backend *be);
 /* Run everything enqueued so far and wait for it. */
 int mm_backend_sync(mm_backend *be);
+/* Start running everything enqueued so far without waiting (vulkan; a no-op
+ * on cpu, where ops run when enqueued): the device computes while the host
+ * does other work. The next enqueue, set, get or sync waits for it. */
+int mm_backend_flush(mm_backend *be);
 
 /* ---- tensors ------------------------------------------------------------- */
 

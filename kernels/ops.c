@@ -191,6 +191,7 @@ size_t mm_backend_max_tensor_bytes(const mm_backend *be) {
     return be->ops->max_tensor_bytes(be->ctx);
 }
 int mm_backend_sync(mm_backend *be) { return be->ops->sync(be->ctx); }
+int mm_backend_flush(mm_backend *be) { return be->ops->flush ? be->ops->flush(be->ctx) : MM_OK; }
 
 /* ---- tensors ------------------------------------------------------------- */
 
@@ -438,6 +439,9 @@ int mm_tensor_set_rows(mm_tensor *t, size_t row0, size_t nrows, const void *src,
     size_t row_bytes = t->nbytes / t->shape[0];
     size_t bytes = nrows * row_bytes;
     size_t off = t->offset + row0 * row_bytes;
+    if (src_dtype == t->dtype && be->ops->write_queued && bytes <= MM_QUEUED_WRITE_MAX &&
+        off % 4 == 0 && bytes % 4 == 0) /* small upload: in queue order, no sync */
+        return be->ops->write_queued(be->ctx, mm_tensor_root(t), off, src, bytes);
     int rc = be->ops->sync(be->ctx);
     if (rc != MM_OK)
         return rc;

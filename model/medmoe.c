@@ -1071,6 +1071,11 @@ static int s_moe_forward(mm_model *m, s_scratch *s, int l, const mm_tensor *xn, 
         TRY(s_mlp_forward(s, &mo->res, xn, ry));
         TRY(mm_scatter_add_rows(be, y, ry, cidx, c1));
     }
+    /* Remote experts: start the meta expert on the device now, so it runs
+     * while finish() waits for their rows (else it would run only at the
+     * next sync, after them). In process, finish() adds nothing to wait for. */
+    if (m->runner.finish != s_local_finish)
+        TRY(mm_backend_flush(be));
     rc = m->runner.finish(m->runner.ctx, m, jobs, njobs, err, errlen);
     if (rc != MM_OK)
         goto out;

@@ -25,3 +25,15 @@ if(TARGET vk_selftest)
   set_tests_properties(kernels_vulkan_staging PROPERTIES SKIP_RETURN_CODE 77 TIMEOUT 600
                        ENVIRONMENT "MEDMOE_VK_MEMORY=staging;MEDMOE_VK_SUBGROUPS=0" LABELS "kernels;vulkan")
 endif()
+
+# bench/gpu/run in its CI form: device report, self-test (with and without subgroups),
+# vk_bench --small (the model's shape kinds at small sizes, vulkan vs cpu) and medmoe-run
+# vulkan vs cpu on a tiny checkpoint. The full run (real shapes, a 4-layer full-width
+# checkpoint, timings) is for a GPU machine: `bench/gpu/run`.
+if(MEDMOE_VULKAN AND TARGET medmoe-run)  # vk_bench: bench/gpu.cmake (added after tests/)
+  add_test(NAME bench_gpu_small
+           COMMAND bash ${CMAKE_SOURCE_DIR}/bench/gpu/run --small --build-dir ${CMAKE_BINARY_DIR}
+                   --model ${MM_TEST_DATA}/tiny-stablelm-bf16 --data ${MM_TEST_DATA}/bench-gpu)
+  set_tests_properties(bench_gpu_small PROPERTIES TIMEOUT 600 SKIP_RETURN_CODE 77
+                       FIXTURES_REQUIRED "tiny_stablelm-bf16" LABELS "kernels;vulkan;bench")
+endif()

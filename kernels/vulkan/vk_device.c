@@ -533,6 +533,8 @@ static const mm_backend_ops s_ops = {
     .write = mm_vk_write,
     .read = mm_vk_read,
     .sync = mm_vk_sync,
+    .write_queued = mm_vk_write_queued,
+    .flush = mm_vk_flush,
     .run_op = mm_vk_run_op,
     .supports = mm_vk_supports,
 };

@@ -142,6 +142,7 @@ typedef struct mm_vk {
     VkCommandBuffer cmd;
     VkFence fence;
     int recording; /* cmd is begun and holds ndispatch dispatches */
+    int inflight;  /* cmd is submitted (flush) and not yet waited for */
     unsigned ndispatch;
     mm_vk_access acc[MM_VK_MAX_ACCESS];
     unsigned nacc;
@@ -149,8 +150,8 @@ typedef struct mm_vk {
     uint64_t fence_timeout_ns;
     int subgroup; /* subgroup arithmetic in compute: the _SG pipelines */
     uint32_t subgroup_size;
-        /* lanes, for describe()                             */ /* MM_VK_FENCE_TIMEOUT_NS, or
-                                                                   _CPU_NS on a CPU device */
+    /* lanes, for describe()                             */ /* MM_VK_FENCE_TIMEOUT_NS, or
+                                                               _CPU_NS on a CPU device */
 } mm_vk;
 
 /* Record a failing Vulkan call: "<what>: <call> failed: VK_..." → MM_EDEVICE. */
@@ -175,6 +176,8 @@ void mm_vk_zero_record(mm_vk *vk, VkCommandBuffer cmd, mm_vk_alloc *a);
 /* vulkan_backend.c */
 int mm_vk_exec_init(mm_vk *vk, char *err, size_t errlen);
 int mm_vk_sync(void *ctx);
+int mm_vk_flush(void *ctx);
+int mm_vk_write_queued(void *ctx, mm_tensor *root, size_t off, const void *src, size_t n);
 int mm_vk_run_op(void *ctx, const mm_op *op);
 int mm_vk_supports(void *ctx, const mm_op *op, char *why, size_t len);
 

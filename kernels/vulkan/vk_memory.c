@@ -462,7 +462,7 @@ void mm_vk_tensor_free(void *ctx, mm_tensor *t) {
     /* Recorded but unsubmitted dispatches may still use the range: keep it
      * out of reach until the next sync, so no new tensor (zeroed and written
      * by the host at once) can overlap pending work. */
-    if (vk->recording) {
+    if (vk->recording || vk->inflight) {
         if (vk->nlimbo == vk->climbo) {
             size_t c = vk->climbo ? 2 * vk->climbo : 64;
             mm_vk_alloc *nl = realloc(vk->limbo, c * sizeof *nl);

@@ -50,9 +50,16 @@ int mm_vk_exec_init(mm_vk *vk, char *err, size_t errlen) {
 
 /* ---- submission ---------------------------------------------------------- */
 
+static int s_wait(mm_vk *vk);
+
 static int s_begin(mm_vk *vk) {
     if (vk->recording)
         return MM_OK;
+    if (vk->inflight) { /* cmd and pool belong to the flushed submission */
+        int rc = s_wait(vk);
+        if (rc != MM_OK)
+            return rc;
+    }
     VkCommandBufferBeginInfo bi = {.sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO,
                                    .flags = VK_COMMAND_BUFFER_USAGE_ONE_TIME_SUBMIT_BIT};
     VkResult r = vkBeginCommandBuffer(vk->cmd, &bi);
@@ -74,38 +81,11 @@ static int s_begin(mm_vk *vk) {
     return MM_OK;
 }
 
-int mm_vk_sync(void *ctx) {
-    mm_vk *vk = ctx;
-    if (vk->broken)
-        return mm_backend_fail(vk->be, MM_EDEVICE,
-                               "vulkan: an earlier submission failed; the device is unusable");
-    if (!vk->recording)
-        return MM_OK;
-    /* Make the shaders' writes visible to the host, which reads results
-     * through the mapping once the fence has signalled. */
-    VkMemoryBarrier mb = {.sType = VK_STRUCTURE_TYPE_MEMORY_BARRIER,
-                          .srcAccessMask = VK_ACCESS_SHADER_WRITE_BIT,
-                          .dstAccessMask = VK_ACCESS_HOST_READ_BIT};
-    vkCmdPipelineBarrier(vk->cmd, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_PIPELINE_STAGE_HOST_BIT,
-                         0, 1, &mb, 0, NULL, 0, NULL);
-    VkResult r = vkEndCommandBuffer(vk->cmd);
-    vk->recording = 0;
-    if (r != VK_SUCCESS) {
-        vk->broken = 1;
-        return mm_vk_fail(vk, r, "sync", "vkEndCommandBuffer");
-    }
-    /* Host writes through the coherent mapping before vkQueueSubmit are
-     * visible to the device: submission is an implicit host->device
-     * dependency, so no barrier is needed for uploads. */
-    VkSubmitInfo si = {.sType = VK_STRUCTURE_TYPE_SUBMIT_INFO,
-                       .commandBufferCount = 1,
-                       .pCommandBuffers = &vk->cmd};
-    r = vkQueueSubmit(vk->queue, 1, &si, vk->fence);
-    if (r != VK_SUCCESS) {
-        vk->broken = 1;
-        return mm_vk_fail(vk, r, "sync", "vkQueueSubmit");
-    }
-    r = vkWaitForFences(vk->dev, 1, &vk->fence, VK_TRUE, vk->fence_timeout_ns);
+/* Wait for the submission in flight, then make cmd, pool and fence reusable
+ * and return the ranges freed meanwhile. */
+static int s_wait(mm_vk *vk) {
+    VkResult r = vkWaitForFences(vk->dev, 1, &vk->fence, VK_TRUE, vk->fence_timeout_ns);
+    vk->inflight = 0;
     if (r == VK_TIMEOUT) {
         vk->broken = 1;
         return mm_backend_fail(vk->be, MM_ETIMEOUT,
@@ -131,6 +111,91 @@ int mm_vk_sync(void *ctx) {
     vk->ndispatch = 0;
     vk->nacc = 0;
     mm_vk_memory_trim(vk); /* idle now: empty blocks can go */
+    return MM_OK;
+}
+
+/* End the recording and submit it; the fence signals when it is done. */
+static int s_submit(mm_vk *vk) {
+    /* Make the shaders' writes visible to the host, which reads results
+     * through the mapping once the fence has signalled. */
+    VkMemoryBarrier mb = {.sType = VK_STRUCTURE_TYPE_MEMORY_BARRIER,
+                          .srcAccessMask = VK_ACCESS_SHADER_WRITE_BIT,
+                          .dstAccessMask = VK_ACCESS_HOST_READ_BIT};
+    vkCmdPipelineBarrier(vk->cmd, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_PIPELINE_STAGE_HOST_BIT,
+                         0, 1, &mb, 0, NULL, 0, NULL);
+    VkResult r = vkEndCommandBuffer(vk->cmd);
+    vk->recording = 0;
+    if (r != VK_SUCCESS) {
+        vk->broken = 1;
+        return mm_vk_fail(vk, r, "sync", "vkEndCommandBuffer");
+    }
+    /* Host writes through the coherent mapping before vkQueueSubmit are
+     * visible to the device: submission is an implicit host->device
+     * dependency, so no barrier is needed for uploads. */
+    VkSubmitInfo si = {.sType = VK_STRUCTURE_TYPE_SUBMIT_INFO,
+                       .commandBufferCount = 1,
+                       .pCommandBuffers = &vk->cmd};
+    r = vkQueueSubmit(vk->queue, 1, &si, vk->fence);
+    if (r != VK_SUCCESS) {
+        vk->broken = 1;
+        return mm_vk_fail(vk, r, "sync", "vkQueueSubmit");
+    }
+    vk->inflight = 1;
+    return MM_OK;
+}
+
+int mm_vk_sync(void *ctx) {
+    mm_vk *vk = ctx;
+    if (vk->broken)
+        return mm_backend_fail(vk->be, MM_EDEVICE,
+                               "vulkan: an earlier submission failed; the device is unusable");
+    int rc = vk->recording ? s_submit(vk) : MM_OK;
+    if (rc == MM_OK && vk->inflight)
+        rc = s_wait(vk);
+    return rc;
+}
+
+/* Submit what is recorded and return without waiting (backend.h flush): the
+ * device works while the host does something else (the router waiting for
+ * remote experts). The next recording or sync waits for it first. */
+int mm_vk_flush(void *ctx) {
+    mm_vk *vk = ctx;
+    if (vk->broken)
+        return mm_backend_fail(vk->be, MM_EDEVICE,
+                               "vulkan: an earlier submission failed; the device is unusable");
+    return vk->recording ? s_submit(vk) : MM_OK;
+}
+
+/* Small uploads in queue order (backend.h write_queued): vkCmdUpdateBuffer
+ * between two barriers, so earlier dispatches still read the old bytes and
+ * later ones the new. When nothing is recorded, a plain write is cheaper. */
+int mm_vk_write_queued(void *ctx, mm_tensor *root, size_t off, const void *src, size_t n) {
+    mm_vk *vk = ctx;
+    if (!vk->recording) { /* idle (after waiting for a flushed submission) */
+        int rc = mm_vk_sync(vk);
+        return rc == MM_OK ? mm_vk_write(ctx, root, off, src, n) : rc;
+    }
+    if (vk->broken)
+        return mm_backend_fail(vk->be, MM_EDEVICE,
+                               "vulkan: an earlier submission failed; the device is unusable");
+    mm_vk_alloc *a = root->impl;
+    if (a->zero && !(off == 0 && n >= root->nbytes))
+        mm_vk_zero_record(vk, vk->cmd, a);
+    a->zero = 0;
+    VkMemoryBarrier before = {.sType = VK_STRUCTURE_TYPE_MEMORY_BARRIER,
+                              .srcAccessMask =
+                                  VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT,
+                              .dstAccessMask = VK_ACCESS_TRANSFER_WRITE_BIT};
+    vkCmdPipelineBarrier(vk->cmd, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT,
+                         VK_PIPELINE_STAGE_TRANSFER_BIT, 0, 1, &before, 0, NULL, 0, NULL);
+    vkCmdUpdateBuffer(vk->cmd, vk->blocks[a->block].buf, a->off + off, n, src);
+    VkMemoryBarrier after = {.sType = VK_STRUCTURE_TYPE_MEMORY_BARRIER,
+                             .srcAccessMask = VK_ACCESS_TRANSFER_WRITE_BIT,
+                             .dstAccessMask =
+                                 VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT};
+    vkCmdPipelineBarrier(vk->cmd, VK_PIPELINE_STAGE_TRANSFER_BIT,
+                         VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, 0, 1, &after, 0, NULL, 0, NULL);
+    vk->nacc = 0; /* the barriers order everything recorded so far */
     return MM_OK;
 }
 
