@@ -7,7 +7,10 @@
  * read), so independent ops may overlap. sync() submits once and waits on a
  * fence for a bounded time. A submission holds at most MM_VK_MAX_DISPATCH
  * dispatches: run_op submits and waits early when it is full, since drivers
- * reset the device on very long submissions.
+ * reset the device on very long submissions. flush() submits without
+ * waiting (one submission in flight; the next recording waits for it), and
+ * small uploads are recorded in queue order (write_queued) instead of
+ * forcing a sync.
  */
 #include <stdio.h>
 #include <string.h>
