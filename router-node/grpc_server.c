@@ -858,60 +858,6 @@ static int s_authenticate(s_call *c) {
     return 0;
 }
 
-/* Checks the front door does before the scheduler: sizes and shapes the
- * client can fix. Returns 0 or sets INVALID_ARGUMENT. */
-static int s_check_common(s_call *c, const char *case_id, const Medmoe__V1__Image *img,
-                          const char *question) {
-    const mm_grpc_options *o = &c->g->o;
-    (void)case_id; /* its rules: mm_request_check_wire, before this */
-    if (!question || !*question) {
-        s_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "question: empty");
-        return -1;
-    }
-    if (strlen(question) > o->max_question_bytes) {
-        s_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "question: %zu bytes, over the limit of %zu",
-                 strlen(question), o->max_question_bytes);
-        return -1;
-    }
-    if (img) {
-        size_t n = img->data.len;
-        const uint8_t *d = img->data.data;
-        const char *mt = img->media_type ? img->media_type : "";
-        if (n == 0) {
-            s_finish(c, GRPC_STATUS_INVALID_ARGUMENT,
-                     "image.data: empty (leave image unset for a text-only question)");
-            return -1;
-        }
-        if (n > o->max_image_bytes) {
-            s_finish(c, GRPC_STATUS_INVALID_ARGUMENT,
-                     "image.data: %zu bytes, over the limit of %zu", n, o->max_image_bytes);
-            return -1;
-        }
-        if (*mt && strcmp(mt, "image/png") && strcmp(mt, "image/jpeg")) {
-            s_finish(c, GRPC_STATUS_INVALID_ARGUMENT,
-                     "image.media_type: '%.64s' is not supported (image/png, image/jpeg, or "
-                     "empty to detect)",
-                     mt);
-            return -1;
-        }
-        int png = n >= 8 && !memcmp(d, "\x89PNG\r\n\x1a\n", 8);
-        int jpeg = n >= 3 && d[0] == 0xff && d[1] == 0xd8 && d[2] == 0xff;
-        if (!*mt && !png && !jpeg) {
-            s_finish(c, GRPC_STATUS_INVALID_ARGUMENT,
-                     "image.data: neither PNG nor JPEG (first bytes %02x %02x %02x %02x) and no "
-                     "media_type",
-                     d[0], n > 1 ? d[1] : 0, n > 2 ? d[2] : 0, n > 3 ? d[3] : 0);
-            return -1;
-        }
-        if ((!strcmp(mt, "image/png") && !png) || (!strcmp(mt, "image/jpeg") && !jpeg)) {
-            s_finish(c, GRPC_STATUS_INVALID_ARGUMENT,
-                     "image.data: does not start like %s (the media_type says so)", mt);
-            return -1;
-        }
-    }
-    return 0;
-}
-
 /* Parse, check, admit and submit a case call (Ask, AskStream, Classify). */
 static void s_case_call(s_call *c, grpc_byte_buffer *payload) {
     mm_grpc_server *g = c->g;
@@ -924,104 +870,25 @@ static void s_case_call(s_call *c, grpc_byte_buffer *payload) {
         s_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "request: no message");
         return;
     }
-    Medmoe__V1__CaseRequest *q = NULL;
-    Medmoe__V1__ClassifyRequest *k = NULL;
-    if (c->method == M_CLASSIFY)
-        k = medmoe__v1__classify_request__unpack(NULL, len, bytes);
-    else
-        q = medmoe__v1__case_request__unpack(NULL, len, bytes);
+    mm_request_limits lim = {.max_question_bytes = o->max_question_bytes,
+                             .max_image_bytes = o->max_image_bytes,
+                             .max_candidates = o->max_candidates,
+                             .max_tokens_default = o->max_tokens_default,
+                             .max_tokens_limit = o->max_tokens_limit};
+    mm_request req;
     char err[1024] = "";
-    /* the strings' rules on the wire bytes, where a NUL is still visible
-     * (unpacked, they are C strings): nothing below sees a cut string */
-    int wrc = q || k
-                  ? mm_request_check_wire(bytes, len,
-                                          c->method == M_CLASSIFY ? MM_REQ_CLASSIFY : MM_REQ_CASE,
-                                          err, sizeof err)
-                  : MM_EPROTO;
+    int prc = mm_request_parse(bytes, len, c->method == M_CLASSIFY ? MM_REQ_CLASSIFY : MM_REQ_CASE,
+                               &lim, &req, err, sizeof err);
     free(bytes);
-    if (!q && !k) {
-        s_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "request: malformed %s (%zu bytes)",
-                 c->method == M_CLASSIFY ? "ClassifyRequest" : "CaseRequest", len);
-        return;
-    }
-    if (wrc != MM_OK) {
+    if (req.case_id) /* checked: valid, short, no control characters */
+        c->client_case_id = strdup(req.case_id);
+    if (prc != MM_OK) {
         s_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "%s", err);
         goto out;
     }
-    const char *case_id = q ? q->case_id : k->case_id;
-    if (case_id)
-        c->client_case_id = strdup(case_id); /* checked: valid, short, no control characters */
-    const Medmoe__V1__Image *img = q ? q->image : k->image;
-    if (s_check_common(c, case_id, img, q ? q->question : k->question))
-        goto out;
-
-    mm_sched_request r;
-    mm_sched_request_default(&r);
+    mm_sched_request r = req.r;
     r.tenant = mm_tenants_id(o->tenants, c->tenant);
     r.client_case_id = c->client_case_id;
-    if (img) {
-        r.image_bytes = img->data.data;
-        r.image_len = img->data.len;
-        r.media_type = img->media_type && *img->media_type ? img->media_type : NULL;
-    }
-    r.question = q ? q->question : k->question;
-    const char *conv = q ? q->conv_mode : k->conv_mode;
-    r.conv_mode = conv && *conv ? conv : NULL;
-    if (q) {
-        const Medmoe__V1__GenerationOptions *go = q->options;
-        r.max_tokens = o->max_tokens_default;
-        if (go) {
-            if (go->max_tokens > (uint32_t)o->max_tokens_limit) {
-                s_finish(c, GRPC_STATUS_INVALID_ARGUMENT,
-                         "options.max_tokens: %u, over the limit of %d", go->max_tokens,
-                         o->max_tokens_limit);
-                goto out;
-            }
-            if (go->max_tokens)
-                r.max_tokens = (int)go->max_tokens;
-            if (!isfinite(go->temperature) || go->temperature < 0 || go->temperature > 100) {
-                s_finish(c, GRPC_STATUS_INVALID_ARGUMENT,
-                         "options.temperature: %g, want 0 (greedy) .. 100", go->temperature);
-                goto out;
-            }
-            if (!isfinite(go->top_p) || go->top_p < 0 || go->top_p > 1) {
-                s_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "options.top_p: %g, want 0 .. 1",
-                         go->top_p);
-                goto out;
-            }
-            r.temperature = go->temperature;
-            r.top_p = go->top_p > 0 ? go->top_p : 1.0f;
-            r.seed = go->seed;
-        }
-    } else {
-        if (k->n_candidates == 0) {
-            s_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "candidates: none (want at least one)");
-            goto out;
-        }
-        if (k->n_candidates > o->max_candidates) {
-            s_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "candidates: %zu, over the limit of %zu",
-                     k->n_candidates, o->max_candidates);
-            goto out;
-        }
-        for (size_t i = 0; i < k->n_candidates; i++) {
-            const char *t = k->candidates[i];
-            if (!t || !*t) {
-                s_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "candidates[%zu]: empty", i);
-                goto out;
-            }
-            if (strlen(t) > o->max_question_bytes) { /* UTF-8, no NUL: checked on the wire */
-                s_finish(c, GRPC_STATUS_INVALID_ARGUMENT,
-                         "candidates[%zu]: %zu bytes, over the limit of %zu", i, strlen(t),
-                         o->max_question_bytes);
-                goto out;
-            }
-        }
-        /* the array as it came (an entry may contain ','); the scheduler
-         * copies it at submit */
-        r.candidate_list = (const char *const *)k->candidates;
-        r.n_candidate_list = k->n_candidates;
-        r.max_tokens = 0;
-    }
     /* valid: only now does the case take a unit of the tenant's quota (the
      * quota counts what the tenant is served, see medmoe.proto) */
     if (mm_tenants_admit(o->tenants, c->tenant, mm_now_ms(), err, sizeof err) != MM_OK) {
@@ -1055,10 +922,7 @@ static void s_case_call(s_call *c, grpc_byte_buffer *payload) {
         s_finish(c, GRPC_STATUS_INTERNAL, "%s: %s", mm_status_str(rc), err);
     }
 out:
-    if (q)
-        medmoe__v1__case_request__free_unpacked(q, NULL);
-    if (k)
-        medmoe__v1__classify_request__free_unpacked(k, NULL);
+    mm_request_clear(&req);
 }
 
 static int s_live(const mm_grpc_server *g, int e) {

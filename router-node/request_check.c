@@ -2,6 +2,7 @@
  * request_check.h). */
 #include "request_check.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -173,6 +174,132 @@ int mm_request_check_wire(const uint8_t *msg, size_t len, mm_req_kind kind, char
     if (!msg && len)
         return mm_errorf(err, errlen, MM_EPROTO, "request: no bytes");
     return s_walk(msg, msg + len, kind, 0, err, errlen);
+}
+
+/* ---- the whole request ---------------------------------------------------- */
+
+/* The image's shape: size, media type, magic bytes. */
+static int s_check_image(const Medmoe__V1__Image *img, const mm_request_limits *lim, char *err,
+                         size_t errlen) {
+    size_t n = img->data.len;
+    const uint8_t *d = img->data.data;
+    const char *mt = img->media_type ? img->media_type : "";
+    if (n == 0)
+        return mm_errorf(err, errlen, MM_EINVAL,
+                         "image.data: empty (leave image unset for a text-only question)");
+    if (n > lim->max_image_bytes)
+        return mm_errorf(err, errlen, MM_EINVAL, "image.data: %zu bytes, over the limit of %zu", n,
+                         lim->max_image_bytes);
+    if (*mt && strcmp(mt, "image/png") && strcmp(mt, "image/jpeg"))
+        return mm_errorf(err, errlen, MM_EINVAL,
+                         "image.media_type: '%.64s' is not supported (image/png, image/jpeg, or "
+                         "empty to detect)",
+                         mt);
+    int png = n >= 8 && !memcmp(d, "\x89PNG\r\n\x1a\n", 8);
+    int jpeg = n >= 3 && d[0] == 0xff && d[1] == 0xd8 && d[2] == 0xff;
+    if (!*mt && !png && !jpeg)
+        return mm_errorf(err, errlen, MM_EINVAL,
+                         "image.data: neither PNG nor JPEG (first bytes %02x %02x %02x %02x) and "
+                         "no media_type",
+                         d[0], n > 1 ? d[1] : 0, n > 2 ? d[2] : 0, n > 3 ? d[3] : 0);
+    if ((!strcmp(mt, "image/png") && !png) || (!strcmp(mt, "image/jpeg") && !jpeg))
+        return mm_errorf(err, errlen, MM_EINVAL,
+                         "image.data: does not start like %s (the media_type says so)", mt);
+    return MM_OK;
+}
+
+/* An Ask's generation options into r. */
+static int s_options(const Medmoe__V1__GenerationOptions *go, const mm_request_limits *lim,
+                     mm_sched_request *r, char *err, size_t errlen) {
+    r->max_tokens = lim->max_tokens_default;
+    if (!go)
+        return MM_OK;
+    if (go->max_tokens > (uint32_t)lim->max_tokens_limit)
+        return mm_errorf(err, errlen, MM_EINVAL, "options.max_tokens: %u, over the limit of %d",
+                         go->max_tokens, lim->max_tokens_limit);
+    if (go->max_tokens)
+        r->max_tokens = (int)go->max_tokens;
+    if (!isfinite(go->temperature) || go->temperature < 0 || go->temperature > 100)
+        return mm_errorf(err, errlen, MM_EINVAL, "options.temperature: %g, want 0 (greedy) .. 100",
+                         go->temperature);
+    if (!isfinite(go->top_p) || go->top_p < 0 || go->top_p > 1)
+        return mm_errorf(err, errlen, MM_EINVAL, "options.top_p: %g, want 0 .. 1", go->top_p);
+    r->temperature = go->temperature;
+    r->top_p = go->top_p > 0 ? go->top_p : 1.0f;
+    r->seed = go->seed;
+    return MM_OK;
+}
+
+/* A Classify's candidates into r (the array as it came: an entry may
+ * contain ','; the scheduler copies it at submit). */
+static int s_candidates(const Medmoe__V1__ClassifyRequest *k, const mm_request_limits *lim,
+                        mm_sched_request *r, char *err, size_t errlen) {
+    if (k->n_candidates == 0)
+        return mm_errorf(err, errlen, MM_EINVAL, "candidates: none (want at least one)");
+    if (k->n_candidates > lim->max_candidates)
+        return mm_errorf(err, errlen, MM_EINVAL, "candidates: %zu, over the limit of %zu",
+                         k->n_candidates, lim->max_candidates);
+    for (size_t i = 0; i < k->n_candidates; i++) {
+        const char *t = k->candidates[i];
+        if (!t || !*t)
+            return mm_errorf(err, errlen, MM_EINVAL, "candidates[%zu]: empty", i);
+        if (strlen(t) > lim->max_question_bytes) /* UTF-8, no NUL: checked on the wire */
+            return mm_errorf(err, errlen, MM_EINVAL,
+                             "candidates[%zu]: %zu bytes, over the limit of %zu", i, strlen(t),
+                             lim->max_question_bytes);
+    }
+    r->candidate_list = (const char *const *)k->candidates;
+    r->n_candidate_list = k->n_candidates;
+    r->max_tokens = 0;
+    return MM_OK;
+}
+
+int mm_request_parse(const uint8_t *bytes, size_t len, mm_req_kind kind,
+                     const mm_request_limits *lim, mm_request *out, char *err, size_t errlen) {
+    memset(out, 0, sizeof *out);
+    mm_sched_request_default(&out->r);
+    if (kind == MM_REQ_CLASSIFY)
+        out->k = medmoe__v1__classify_request__unpack(NULL, len, bytes);
+    else
+        out->q = medmoe__v1__case_request__unpack(NULL, len, bytes);
+    if (!out->q && !out->k)
+        return mm_errorf(err, errlen, MM_EINVAL, "request: malformed %s (%zu bytes)",
+                         kind == MM_REQ_CLASSIFY ? "ClassifyRequest" : "CaseRequest", len);
+    /* the strings' rules on the wire bytes, where a NUL is still visible
+     * (unpacked, they are C strings): nothing below sees a cut string */
+    int rc = mm_request_check_wire(bytes, len, kind, err, errlen);
+    if (rc != MM_OK)
+        return MM_EINVAL; /* err names the field and the rule */
+    const Medmoe__V1__CaseRequest *q = out->q;
+    const Medmoe__V1__ClassifyRequest *k = out->k;
+    out->case_id = q ? q->case_id : k->case_id;
+    const char *question = q ? q->question : k->question;
+    if (!question || !*question)
+        return mm_errorf(err, errlen, MM_EINVAL, "question: empty");
+    if (strlen(question) > lim->max_question_bytes)
+        return mm_errorf(err, errlen, MM_EINVAL, "question: %zu bytes, over the limit of %zu",
+                         strlen(question), lim->max_question_bytes);
+    const Medmoe__V1__Image *img = q ? q->image : k->image;
+    if (img && (rc = s_check_image(img, lim, err, errlen)) != MM_OK)
+        return rc;
+    mm_sched_request *r = &out->r;
+    if (img) {
+        r->image_bytes = img->data.data;
+        r->image_len = img->data.len;
+        r->media_type = img->media_type && *img->media_type ? img->media_type : NULL;
+    }
+    r->question = question;
+    const char *conv = q ? q->conv_mode : k->conv_mode;
+    r->conv_mode = conv && *conv ? conv : NULL;
+    return q ? s_options(q->options, lim, r, err, errlen) : s_candidates(k, lim, r, err, errlen);
+}
+
+void mm_request_clear(mm_request *req) {
+    if (req->q)
+        medmoe__v1__case_request__free_unpacked(req->q, NULL);
+    if (req->k)
+        medmoe__v1__classify_request__free_unpacked(req->k, NULL);
+    memset(req, 0, sizeof *req);
 }
 
 /* ---- self-test ------------------------------------------------------------ */

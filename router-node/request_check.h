@@ -32,6 +32,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "medmoe.pb-c.h"
+#include "scheduler.h"
+
 /* Bytes of a case id at most (a UUID is 36, a DICOM UID 64). */
 #define MM_CASE_ID_MAX 256
 
@@ -49,6 +52,45 @@ int mm_request_check_text(const char *field, const uint8_t *s, size_t len, char 
 
 /* The case id's rules (text, length, no control characters). */
 int mm_request_check_case_id(const uint8_t *s, size_t len, char *err, size_t errlen);
+
+/* ---- the whole request ------------------------------------------------------
+ * mm_request_parse is everything the gRPC server does with a request's
+ * bytes before it admits the case (grpc_server.c: then the tenant's quota,
+ * then the scheduler): unpack, the wire rules above, then the values —
+ * question non-empty and within its limit, image (non-empty, within its
+ * limit, media type png/jpeg/empty and agreeing with the magic bytes),
+ * generation options in range, candidates (1..max, non-empty, within the
+ * question limit) — and the conversion into a scheduler request. No I/O, no
+ * state: tests/fuzz/fuzz_case_request.c runs it on hostile bytes. */
+
+/* The limits it enforces (mm_grpc_options' values). */
+typedef struct mm_request_limits {
+    size_t max_question_bytes; /* question and each candidate at most    */
+    size_t max_image_bytes;    /* image.data at most                      */
+    size_t max_candidates;     /* ClassifyRequest.candidates at most      */
+    int max_tokens_default;    /* options.max_tokens 0 (or no options)    */
+    int max_tokens_limit;      /* options.max_tokens at most              */
+} mm_request_limits;
+
+/* A parsed request. The strings and the image in r point into q / k. */
+typedef struct mm_request {
+    Medmoe__V1__CaseRequest *q;     /* unpacked (MM_REQ_CASE), else NULL            */
+    Medmoe__V1__ClassifyRequest *k; /* unpacked (MM_REQ_CLASSIFY), else NULL        */
+    const char *case_id;            /* the client's id once its rules passed, else NULL */
+    mm_sched_request r;             /* complete but for tenant, client_case_id,
+                                       deadline_ms and the callbacks (the caller's) */
+} mm_request;
+
+/* MM_OK with *out filled, or MM_EINVAL with err naming the field and the
+ * reason (the server's INVALID_ARGUMENT message: "request: malformed
+ * CaseRequest (12 bytes)", "question: empty", "options.top_p: 2, want 0 ..
+ * 1"). Either way the caller calls mm_request_clear(out); after a refusal
+ * out->case_id is still set when the id itself was valid (for the audit). */
+int mm_request_parse(const uint8_t *bytes, size_t len, mm_req_kind kind,
+                     const mm_request_limits *lim, mm_request *out, char *err, size_t errlen);
+
+/* Free what mm_request_parse unpacked and zero *req; idempotent. */
+void mm_request_clear(mm_request *req);
 
 /* Known-answer checks of the rules; MM_OK or MM_ERR (what failed on stderr
  * when verbose). */

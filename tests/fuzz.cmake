@@ -9,13 +9,14 @@
 # kept as <build>/fuzz/artifacts/<target>-crash-<sha1>. Long campaigns:
 # tests/fuzz/README.md.
 set(MM_FUZZ_SECONDS 20 CACHE STRING "seconds each fuzz target runs in ctest")
-set(MM_FUZZ_TARGETS safetensors config tokenizer_json tiktoken image wire)
+set(MM_FUZZ_TARGETS safetensors config tokenizer_json tiktoken image wire case_request)
 set(MM_FUZZ_DIR ${CMAKE_BINARY_DIR}/fuzz)
 find_program(MM_CLANG NAMES clang clang-14)
-if(MM_CLANG)
+find_program(MM_CLANGXX NAMES clang++ clang++-14) # for the project's C++ sources, if any
+if(MM_CLANG AND MM_CLANGXX)
   add_test(NAME fuzz_build
            COMMAND sh -c "${CMAKE_COMMAND} -S ${CMAKE_SOURCE_DIR} -B ${MM_FUZZ_DIR} \
--DCMAKE_C_COMPILER=${MM_CLANG} -DMEDMOE_FUZZ=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo > \
+-DCMAKE_C_COMPILER=${MM_CLANG} -DCMAKE_CXX_COMPILER=${MM_CLANGXX} -DMEDMOE_FUZZ=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo > \
 ${MM_FUZZ_DIR}.configure.log 2>&1 || { cat ${MM_FUZZ_DIR}.configure.log; exit 1; }; \
 ${CMAKE_COMMAND} --build ${MM_FUZZ_DIR} -j 2 --target fuzzers")
 else()

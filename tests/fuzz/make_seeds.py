@@ -173,7 +173,9 @@ def pb(fields):
     """fields: [(number, int | str | bytes)] -> protobuf bytes (varint or length-delimited)."""
     out = b""
     for num, val in fields:
-        if isinstance(val, int):
+        if isinstance(val, float):
+            out += varint(num << 3 | 5) + struct.pack("<f", val)
+        elif isinstance(val, int):
             out += varint(num << 3) + varint(val)
         else:
             val = val.encode() if isinstance(val, str) else val
@@ -207,6 +209,27 @@ def seeds_wire():
     put(t, "extra-frame", frames(1, ident, pb([(6, b"")]), b"x", b"y"))
 
 
+def seeds_case_request():
+    t = "case_request"
+    with open(os.path.join(ROOT, "corpus", "image", "seed-rgb.png"), "rb") as f:
+        png = f.read()
+    img = pb([(1, png), (2, "image/png")])
+    opts = pb([(1, 32), (2, 0.7), (3, 0.9), (4, 1234)])
+    ask = pb([(1, "case-0001"), (2, img), (3, "What modality is this image?"), (4, opts),
+              (5, "stablelm")])
+    put(t, "ask", b"\x00" + ask)
+    put(t, "ask-small-limits", b"\x02" + pb([(1, "c"), (3, "Is it CT?"), (4, pb([(1, 4)]))]))
+    put(t, "ask-text-only", b"\x00" + pb([(3, "Hello — ✓ 日本語")]))
+    put(t, "ask-jpeg-sniff", b"\x00" + pb([(2, pb([(1, b"\xff\xd8\xff\xe0" + bytes(12))])),
+                                          (3, "q")]))
+    cls = pb([(1, "uid.1.2.840"), (2, pb([(1, png)])), (3, "Which organ?"),
+              (4, "lung"), (4, "liver, left lobe"), (4, "brain"), (5, "phi")])
+    put(t, "classify", b"\x01" + cls)
+    put(t, "classify-small-limits", b"\x03" + pb([(3, "Which?"), (4, "a"), (4, "b")]))
+    put(t, "nul-question", b"\x00" + pb([(3, b"What\x00 modality?")]))
+    put(t, "repeated-field", b"\x00" + pb([(1, "a"), (3, "q"), (1, "b\x01")]))
+
+
 def main():
     seeds_safetensors()
     seeds_config()
@@ -214,6 +237,7 @@ def main():
     seeds_tokenizer_json()
     seeds_image()
     seeds_wire()
+    seeds_case_request()
     return 0
 
 
