@@ -12,7 +12,7 @@ APT_PACKAGES = build-essential cmake pkg-config glslc libvulkan-dev mesa-vulkan-
   python3-grpcio python3-grpc-tools python3-pydicom python3-zmq \
   openssl nodejs libmicrohttpd-dev python3-yaml iproute2 \
   clang libclang-rt-14-dev libomp-dev \
-  libcurl4-openssl-dev orthanc orthanc-dicomweb dcmtk libdnnl-dev
+  libcurl4-openssl-dev orthanc orthanc-dicomweb dcmtk libdnnl-dev libgdcm-dev python3-gdcm
 
 .PHONY: deps build test bench demo asan clean format
 

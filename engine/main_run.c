@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "clock.h"
 #include "image.h"
@@ -25,7 +26,13 @@ static void usage(FILE *f) {
                "\n"
                "  --model DIR          checkpoint dir: config.json, *.safetensors, tokenizer.json\n"
                "  --vision DIR         CLIP vision tower dir (config.json + safetensors)\n"
-               "  --image FILE         PNG or JPEG image\n"
+               "  --image FILE         PNG, JPEG or DICOM image (DICOM: by its \"DICM\" preamble,\n"
+               "                       or a .dcm name; shown as a viewer would: modality and\n"
+               "                       VOI LUTs, the file's window, the middle frame)\n"
+               "  --window NAME        DICOM window: auto (the file's), full, or a CT preset:\n"
+               "                       lung (W1500/L-600), mediastinum (W350/L50),\n"
+               "                       bone (W1800/L400), brain (W80/L40)\n"
+               "  --frame N            DICOM multi-frame: frame N (1-based; default middle)\n"
                "  --question TEXT      the question (must not be empty)\n"
                "  --candidates A,B,C   rank these answers by likelihood (generates nothing\n"
                "                       unless --max-tokens is given)\n"
@@ -53,6 +60,7 @@ static void usage(FILE *f) {
 typedef struct run_args {
     const char *model, *vision, *image, *question, *candidates, *backend, *conv_mode;
     const char *dump_logits;
+    mm_dicom_options dicom; /* --window, --frame */
     int max_tokens, max_tokens_given, json, no_pad;
     mm_weights weights;
     float temperature, top_p;
@@ -78,6 +86,8 @@ static int parse_args(int argc, char **argv, run_args *a) {
                                          {"json", no_argument, 0, 'j'},
                                          {"dump-logits", required_argument, 0, 'd'},
                                          {"weights", required_argument, 0, 'w'},
+                                         {"window", required_argument, 0, 'W'},
+                                         {"frame", required_argument, 0, 'F'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     memset(a, 0, sizeof *a);
@@ -121,6 +131,15 @@ static int parse_args(int argc, char **argv, run_args *a) {
                 return 2;
             }
             break;
+        case 'W': {
+            char werr[160];
+            if (mm_dicom_window_parse(optarg, &a->dicom.window, werr, sizeof werr) != MM_OK) {
+                fprintf(stderr, "medmoe-run: --%s\n", werr);
+                return 2;
+            }
+            break;
+        }
+        case 'F': a->dicom.frame = (uint32_t)strtoul(optarg, &end, 10); break;
         case 'h': usage(stdout); exit(0);
         default: usage(stderr); return 2;
         }
@@ -210,6 +229,11 @@ int main(int argc, char **argv) {
     q.tenant = "local";
     q.image_bytes = image;
     q.image_len = image_len;
+    q.dicom = a.dicom;
+    /* a .dcm without the Part 10 preamble is still DICOM */
+    size_t il = a.image ? strlen(a.image) : 0;
+    if (il > 4 && strcasecmp(a.image + il - 4, ".dcm") == 0)
+        q.media_type = "application/dicom";
     q.max_pixels = a.max_pixels;
     q.no_pad = a.no_pad;
     q.question = a.question;

@@ -107,8 +107,11 @@ int sched_preprocess(mm_sched *s, s_case *c, char *err, size_t errlen) {
     /* jpeg_downscale: libjpeg's DCT scaling for large JPEGs (image.h says
      * how far that moves the pixels from Pillow's full decode) */
     int rc =
-        mm_image_decode_for(c->bytes, c->nbytes, c->media_type[0] ? c->media_type : NULL,
-                            c->max_pixels, s->o.jpeg_downscale ? s->S : 0, &img, sub, sizeof sub);
+        c->is_dicom
+            ? mm_dicom_decode(c->bytes, c->nbytes, &c->dicom, c->max_pixels, &img, sub, sizeof sub)
+            : mm_image_decode_for(c->bytes, c->nbytes, c->media_type[0] ? c->media_type : NULL,
+                                  c->max_pixels, s->o.jpeg_downscale ? s->S : 0, &img, sub,
+                                  sizeof sub);
     if (rc == MM_OK) {
         mm_image_params ip;
         mm_image_params_default(&ip, s->S);
@@ -224,9 +227,32 @@ int mm_sched_submit(mm_sched *s, const mm_sched_request *r, uint64_t *case_id, c
         /* the header only: format, size and max_pixels are refused here,
          * and the image stage knows the pixels it will cost */
         size_t w = 0, h = 0, limit = r->max_pixels ? r->max_pixels : MM_IMAGE_DEFAULT_MAX_PIXELS;
-        if ((rc = mm_image_probe(r->image_bytes, r->image_len, r->media_type, &w, &h, sub,
-                                 sizeof sub)) != MM_OK) {
+        size_t cost = 0;
+        c->is_dicom = mm_dicom_is(r->image_bytes, r->image_len, r->media_type);
+        if (c->is_dicom) {
+            /* DICOM: the header's frames count when they decode together,
+             * and the window/frame options are checked against it now */
+            mm_dicom_info di;
+            if ((rc = mm_dicom_probe(r->image_bytes, r->image_len, &di, sub, sizeof sub)) !=
+                    MM_OK ||
+                (rc = mm_dicom_check_options(&di, &r->dicom, sub, sizeof sub)) != MM_OK) {
+                rc = s_image_error(rc, sub, err, errlen);
+                goto fail;
+            }
+            w = di.cols;
+            h = di.rows;
+            cost = di.decode_pixels;
+            c->dicom = r->dicom;
+        } else if ((rc = mm_image_probe(r->image_bytes, r->image_len, r->media_type, &w, &h, sub,
+                                        sizeof sub)) != MM_OK) {
             rc = s_image_error(rc, sub, err, errlen);
+            goto fail;
+        }
+        if (cost > limit) {
+            rc = mm_errorf(err, errlen, MM_EINVAL,
+                           "image: %zu x %zu pixels x %zu frames to decode exceeds the pixel "
+                           "limit of %zu",
+                           w, h, cost / (w * h), limit);
             goto fail;
         }
         if (w > MM_IMAGE_MAX_SIDE || h > MM_IMAGE_MAX_SIDE || w * h > limit) {
@@ -239,7 +265,7 @@ int mm_sched_submit(mm_sched *s, const mm_sched_request *r, uint64_t *case_id, c
                 w > MM_IMAGE_MAX_SIDE || h > MM_IMAGE_MAX_SIDE ? (size_t)MM_IMAGE_MAX_SIDE : limit);
             goto fail;
         }
-        c->cost = w * h;
+        c->cost = cost > w * h ? cost : w * h;
         c->n_img = mm_model_image_tokens(s->m);
         if (r->media_type)
             snprintf(c->media_type, sizeof c->media_type, "%s", r->media_type);

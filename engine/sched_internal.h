@@ -41,6 +41,8 @@ typedef struct s_case {
     unsigned char *bytes;
     size_t nbytes, max_pixels, cost;
     char media_type[64];
+    int is_dicom;           /* decode with dicom (dicom.h)  */
+    mm_dicom_options dicom; /* its window and frame         */
     int no_pad;
     /* the prompt: before ids, image embeddings, after ids */
     int32_t *before, *after;

@@ -71,6 +71,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "dicom.h"
 #include "medmoe.h"
 #include "result.h"
 #include "tokenizer.h"
@@ -121,7 +122,11 @@ typedef struct mm_sched_request {
     const void *image_bytes;           /* encoded PNG/JPEG, or NULL for text only;
                                           copied                                   */
     size_t image_len;                  /* bytes at image_bytes                       */
-    const char *media_type;            /* "image/png", "image/jpeg", NULL = sniff    */
+    const char *media_type;            /* "image/png", "image/jpeg",
+                                          "application/dicom", NULL = sniff         */
+    mm_dicom_options dicom;            /* DICOM only: window preset and frame
+                                          (dicom.h); zero = the file's window, the
+                                          middle frame. Checked at submit.         */
     size_t max_pixels;                 /* 0 = image.c's default                      */
     int no_pad;                        /* 1: plain resize + centre crop              */
     const char *question;              /* must not be empty                          */

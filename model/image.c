@@ -7,6 +7,7 @@
  * way on every path, which is easiest to see with the paths side by side. */
 #include "image.h"
 
+#include "dicom.h"
 #include "status.h"
 
 #include <errno.h>
@@ -80,7 +81,7 @@ void mm_image_destroy(mm_image **img) {
 /* Format sniffing                                                          */
 /* ------------------------------------------------------------------------ */
 
-typedef enum { S_FMT_UNKNOWN, S_FMT_PNG, S_FMT_JPEG } s_format;
+typedef enum { S_FMT_UNKNOWN, S_FMT_PNG, S_FMT_JPEG, S_FMT_DICOM } s_format;
 
 static const uint8_t S_PNG_MAGIC[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
 
@@ -434,6 +435,11 @@ static int s_format_of(const void *bytes, size_t n, const char *media_type, s_fo
     if (!bytes || n == 0)
         return mm_errorf(err, errlen, MM_EINVAL, "image: empty buffer (0 bytes)");
     const uint8_t *b = bytes;
+    /* DICOM (dicom.h): by its media type, or by "DICM" after the preamble */
+    if (mm_dicom_is(bytes, n, media_type)) {
+        *fmt = S_FMT_DICOM;
+        return MM_OK;
+    }
     *fmt = s_sniff(b, n);
     char what[160];
     if (*fmt == S_FMT_UNKNOWN) {
@@ -449,8 +455,8 @@ static int s_format_of(const void *bytes, size_t n, const char *media_type, s_fo
             want = S_FMT_JPEG;
         else
             return mm_errorf(err, errlen, MM_EUNSUPPORTED,
-                             "image: unsupported media type \"%s\" (expected image/png or "
-                             "image/jpeg)",
+                             "image: unsupported media type \"%s\" (expected image/png, "
+                             "image/jpeg or application/dicom)",
                              media_type);
         if (want != *fmt)
             return mm_errorf(err, errlen, MM_EPROTO,
@@ -469,6 +475,14 @@ int mm_image_probe(const void *bytes, size_t len, const char *media_type, size_t
     int rc = s_format_of(bytes, len, media_type, &fmt, err, errlen);
     if (rc != MM_OK)
         return rc;
+    if (fmt == S_FMT_DICOM) {
+        mm_dicom_info info;
+        if ((rc = mm_dicom_probe(bytes, len, &info, err, errlen)) == MM_OK) {
+            *width = info.cols;
+            *height = info.rows;
+        }
+        return rc;
+    }
     if (fmt == S_FMT_PNG)
         return s_probe_png(bytes, len, width, height, err, errlen);
     return s_decode_jpeg(bytes, len, 0, 0, 1, width, height, NULL, err, errlen);
@@ -483,6 +497,8 @@ int mm_image_decode_for(const void *bytes, size_t n, const char *media_type, siz
     int rc = s_format_of(bytes, n, media_type, &fmt, err, errlen);
     if (rc != MM_OK)
         return rc;
+    if (fmt == S_FMT_DICOM) /* the default window and frame; dicom.h for others */
+        return mm_dicom_decode(bytes, n, NULL, max_pixels, out, err, errlen);
     return fmt == S_FMT_PNG
                ? s_decode_png(bytes, n, max_pixels, out, err, errlen)
                : s_decode_jpeg(bytes, n, max_pixels, target_side, 0, NULL, NULL, out, err, errlen);

@@ -15,12 +15,14 @@
 #include "status.h"
 
 struct mm_audit {
-    int fd;          /* O_APPEND                                  */
-    int sync;        /* 1: fsync after each record                */
-    size_t count;    /* records written                           */
-    uint64_t seq;    /* the last case number handed out           */
-    char run[17];    /* this open's id: 16 hex digits, random     */
-    char path[1024]; /* for messages                              */
+    int fd;             /* O_APPEND                                  */
+    int sync;           /* 1: fsync after each record                */
+    size_t count;       /* records written                           */
+    uint64_t seq;       /* the last case number handed out           */
+    char run[17];       /* this open's id: 16 hex digits, random     */
+    char path[1024];    /* for messages                              */
+    uint8_t salt[4096]; /* mm_audit_hash's salt                      */
+    size_t salt_len;    /* bytes of salt in use                      */
 };
 
 int mm_audit_open(const char *path, int sync, mm_audit **out, char *err, size_t errlen) {
@@ -286,4 +288,40 @@ out:
     mm_audit_close(&b);
     unlink(path);
     return rc;
+}
+
+int mm_audit_set_salt(mm_audit *a, const char *salt_path, char *err, size_t errlen) {
+    if (!salt_path) {
+        if (getrandom(a->salt, 32, 0) != 32)
+            return mm_errorf(err, errlen, MM_EIO, "audit salt: getrandom: %s", strerror(errno));
+        a->salt_len = 32;
+        return MM_OK;
+    }
+    FILE *f = fopen(salt_path, "rb");
+    if (!f)
+        return mm_errorf(err, errlen, MM_EIO, "audit salt %s: %s", salt_path, strerror(errno));
+    size_t n = fread(a->salt, 1, sizeof a->salt, f);
+    int more = fgetc(f) != EOF, bad = ferror(f);
+    fclose(f);
+    if (bad || more || n < 16)
+        return mm_errorf(err, errlen, MM_EINVAL,
+                         "audit salt %s: %s (want 16 to %zu bytes, e.g. head -c 32 /dev/urandom)",
+                         salt_path,
+                         bad    ? "read error"
+                         : more ? "too long"
+                                : "too short",
+                         sizeof a->salt);
+    a->salt_len = n;
+    return MM_OK;
+}
+
+void mm_audit_hash(const mm_audit *a, const void *data, size_t len, char hex[MM_SHA256_HEX]) {
+    mm_sha256 h;
+    uint8_t d[MM_SHA256_BYTES];
+    if (mm_sha256_init(&h) == MM_OK) {
+        mm_sha256_update(&h, a->salt, a->salt_len);
+        mm_sha256_update(&h, data, len);
+    }
+    mm_sha256_final(&h, d);
+    mm_sha256_hex(d, hex);
 }

@@ -30,6 +30,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "hash.h"
+
 typedef struct mm_audit mm_audit;
 
 /* Open (create, mode 0640) path for appending. */
@@ -66,5 +68,15 @@ int mm_audit_recover(mm_audit *a, size_t scan_bytes, mm_audit_unfinished_fn fn, 
 /* Known-answer checks (write, recover, recover again finds nothing) on a
  * file in dir; MM_OK or MM_ERR (what failed on stderr when verbose). */
 int mm_audit_selftest(const char *dir, int verbose);
+
+/* The salt of mm_audit_hash: the bytes of the file at salt_path (16 to 4096
+ * of them: make one with `head -c 32 /dev/urandom`), or, with salt_path
+ * NULL, 32 random bytes of this process (hashes then cannot be matched
+ * across restarts). Until called, the salt is empty. */
+int mm_audit_set_salt(mm_audit *a, const char *salt_path, char *err, size_t errlen);
+/* Lower-case hex of SHA-256(salt || data): an identifier such as a DICOM SOP
+ * Instance UID can be recorded so that whoever holds the salt can find the
+ * record of a known instance, while the log alone names none. */
+void mm_audit_hash(const mm_audit *a, const void *data, size_t len, char hex[MM_SHA256_HEX]);
 
 #endif

@@ -143,6 +143,10 @@ typedef struct s_call {
     /* for the audit record */
     mm_case_result res; /* the answer (MM_OK), kept for the audit's experts   */
     int has_res;
+    int is_dicom;                  /* the image was DICOM: the audit says which */
+    char dicom_sop[MM_SHA256_HEX]; /* salted SHA-256 of its SOP Instance UID    */
+    char dicom_modality[20];       /* e.g. "CT" (not patient data)              */
+    mm_dicom_options dicom;        /* the window and frame asked for            */
     unsigned prompt_tokens, generated_tokens;
     double queue_ms, ttft_ms;
     double t_last_token; /* mm_now_ms() of the last generated token (0: none yet) */
@@ -368,6 +372,12 @@ static void s_call_free(s_call *c) {
         json_object_set_new(r, "queue_ms", json_real(c->queue_ms));
         json_object_set_new(r, "ttft_ms", json_real(c->ttft_ms));
         json_object_set_new(r, "total_ms", json_real(ms));
+        if (c->is_dicom) /* never a patient attribute; the instance only as a salted hash */
+            json_object_set_new(r, "dicom",
+                                json_pack("{s:s, s:s, s:s, s:i}", "sop_instance_uid_sha256",
+                                          c->dicom_sop, "modality", c->dicom_modality, "window",
+                                          mm_dicom_window_name(c->dicom.window), "frame",
+                                          (json_int_t)c->dicom.frame));
         char err[512];
         if (mm_audit_write(g->o.audit, r, err, sizeof err) != MM_OK)
             mm_logf(g->o.log, MM_LOG_ERROR, c->client_case_id, "%s", err);
@@ -889,6 +899,16 @@ static void s_case_call(s_call *c, grpc_byte_buffer *payload) {
     mm_sched_request r = req.r;
     r.tenant = mm_tenants_id(o->tenants, c->tenant);
     r.client_case_id = c->client_case_id;
+    mm_dicom_info di;
+    char derr[256];
+    if (o->audit && r.image_bytes && mm_dicom_is(r.image_bytes, r.image_len, r.media_type) &&
+        mm_dicom_probe(r.image_bytes, r.image_len, &di, derr, sizeof derr) == MM_OK) {
+        /* the audit names the instance only as a salted hash (medmoe.proto) */
+        c->is_dicom = 1;
+        c->dicom = r.dicom;
+        mm_audit_hash(o->audit, di.sop_instance_uid, strlen(di.sop_instance_uid), c->dicom_sop);
+        snprintf(c->dicom_modality, sizeof c->dicom_modality, "%s", di.modality);
+    }
     /* valid: only now does the case take a unit of the tenant's quota (the
      * quota counts what the tenant is served, see medmoe.proto) */
     if (mm_tenants_admit(o->tenants, c->tenant, mm_now_ms(), err, sizeof err) != MM_OK) {

@@ -94,6 +94,8 @@ static void usage(FILE *f) {
             "  --tenants FILE          tenant config, JSON (required with --grpc-listen)\n"
             "  --audit-log FILE        append one JSON line per case (default: none)\n"
             "  --audit-fsync           fsync the audit log after every record\n"
+            "  --audit-salt-file F     salt for the audit's SHA-256 of DICOM SOP Instance UIDs\n"
+            "                          (16..4096 bytes; default: random, per process)\n"
             "  --tls-cert F --tls-key F  serve TLS (PEM)\n"
             "  --tls-client-ca F       also require client certificates signed by F (mTLS)\n"
             "  --slots N               concurrent sequences in the scheduler (default 8)\n"
@@ -135,7 +137,7 @@ typedef struct router_args {
     int wait_experts, expert_wait_ms, batch_timeout_ms, heartbeat_ms, serve;
     unsigned fp_flags;
     /* gRPC front door */
-    const char *grpc_listen, *grpc_port_file, *tenants, *audit_log;
+    const char *grpc_listen, *grpc_port_file, *tenants, *audit_log, *audit_salt;
     const char *tls_cert, *tls_key, *tls_client_ca;
     int audit_fsync, slots, context, weights, max_image_bytes, max_question_bytes,
         max_tokens_default;
@@ -155,6 +157,7 @@ enum {
     O_TENANTS,
     O_AUDIT_LOG,
     O_AUDIT_FSYNC,
+    O_AUDIT_SALT,
     O_TLS_CERT,
     O_TLS_KEY,
     O_TLS_CLIENT_CA,
@@ -203,6 +206,7 @@ static int parse_args(int argc, char **argv, router_args *a) {
         {"tenants", required_argument, 0, O_TENANTS},
         {"audit-log", required_argument, 0, O_AUDIT_LOG},
         {"audit-fsync", no_argument, 0, O_AUDIT_FSYNC},
+        {"audit-salt-file", required_argument, 0, O_AUDIT_SALT},
         {"tls-cert", required_argument, 0, O_TLS_CERT},
         {"tls-key", required_argument, 0, O_TLS_KEY},
         {"tls-client-ca", required_argument, 0, O_TLS_CLIENT_CA},
@@ -289,6 +293,7 @@ static int parse_args(int argc, char **argv, router_args *a) {
         case O_TENANTS: a->tenants = optarg; break;
         case O_AUDIT_LOG: a->audit_log = optarg; break;
         case O_AUDIT_FSYNC: a->audit_fsync = 1; break;
+        case O_AUDIT_SALT: a->audit_salt = optarg; break;
         case O_TLS_CERT: a->tls_cert = optarg; break;
         case O_TLS_KEY: a->tls_key = optarg; break;
         case O_TLS_CLIENT_CA: a->tls_client_ca = optarg; break;
@@ -417,6 +422,7 @@ static void s_options(const router_args *a, mm_router_options *o) {
     o->tenants = a->tenants;
     o->audit_log = a->audit_log;
     o->audit_fsync = a->audit_fsync;
+    o->audit_salt = a->audit_salt;
     o->tls_cert = a->tls_cert;
     o->tls_key = a->tls_key;
     o->tls_client_ca = a->tls_client_ca;

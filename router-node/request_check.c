@@ -190,18 +190,26 @@ static int s_check_image(const Medmoe__V1__Image *img, const mm_request_limits *
     if (n > lim->max_image_bytes)
         return mm_errorf(err, errlen, MM_EINVAL, "image.data: %zu bytes, over the limit of %zu", n,
                          lim->max_image_bytes);
-    if (*mt && strcmp(mt, "image/png") && strcmp(mt, "image/jpeg"))
+    if (*mt && strcmp(mt, "image/png") && strcmp(mt, "image/jpeg") &&
+        strcmp(mt, "application/dicom"))
         return mm_errorf(err, errlen, MM_EINVAL,
-                         "image.media_type: '%.64s' is not supported (image/png, image/jpeg, or "
-                         "empty to detect)",
+                         "image.media_type: '%.64s' is not supported (image/png, image/jpeg, "
+                         "application/dicom, or empty to detect)",
                          mt);
     int png = n >= 8 && !memcmp(d, "\x89PNG\r\n\x1a\n", 8);
     int jpeg = n >= 3 && d[0] == 0xff && d[1] == 0xd8 && d[2] == 0xff;
-    if (!*mt && !png && !jpeg)
+    int dicom = n >= 132 && !memcmp(d + 128, "DICM", 4);
+    if (!*mt && !png && !jpeg && !dicom)
         return mm_errorf(err, errlen, MM_EINVAL,
-                         "image.data: neither PNG nor JPEG (first bytes %02x %02x %02x %02x) and "
-                         "no media_type",
+                         "image.data: neither PNG, JPEG nor DICOM (first bytes %02x %02x %02x "
+                         "%02x) and no media_type",
                          d[0], n > 1 ? d[1] : 0, n > 2 ? d[2] : 0, n > 3 ? d[3] : 0);
+    if (img->dicom && img->dicom->window && *img->dicom->window) {
+        mm_dicom_window w;
+        char werr[160];
+        if (mm_dicom_window_parse(img->dicom->window, &w, werr, sizeof werr) != MM_OK)
+            return mm_errorf(err, errlen, MM_EINVAL, "image.dicom.%s", werr);
+    }
     if ((!strcmp(mt, "image/png") && !png) || (!strcmp(mt, "image/jpeg") && !jpeg))
         return mm_errorf(err, errlen, MM_EINVAL,
                          "image.data: does not start like %s (the media_type says so)", mt);
@@ -287,6 +295,12 @@ int mm_request_parse(const uint8_t *bytes, size_t len, mm_req_kind kind,
         r->image_bytes = img->data.data;
         r->image_len = img->data.len;
         r->media_type = img->media_type && *img->media_type ? img->media_type : NULL;
+        if (img->dicom) { /* the window name was checked in s_check_image; the frame
+                             against the file at submit */
+            char werr[160];
+            mm_dicom_window_parse(img->dicom->window, &r->dicom.window, werr, sizeof werr);
+            r->dicom.frame = img->dicom->frame;
+        }
     }
     r->question = question;
     const char *conv = q ? q->conv_mode : k->conv_mode;

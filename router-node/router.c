@@ -531,6 +531,8 @@ static int s_check_config(mm_router *r, char *err, size_t errlen) {
         if (o->audit_log &&
             (rc = mm_audit_open(o->audit_log, o->audit_fsync, &r->audit, err, errlen)) != MM_OK)
             return rc == MM_ENOMEM ? rc : MM_EINVAL;
+        if (r->audit && (rc = mm_audit_set_salt(r->audit, o->audit_salt, err, errlen)) != MM_OK)
+            return MM_EINVAL;
     }
     if (o->curve_secret) {
         size_t n = 0;

@@ -64,6 +64,8 @@ typedef struct mm_router_options {
     const char *tenants;        /* tenant file (required with grpc_listen)         */
     const char *audit_log;      /* append one JSON line per case; NULL: none      */
     int audit_fsync;            /* fsync the audit log after every record         */
+    const char *audit_salt;     /* file whose bytes salt the audit's hashes (DICOM
+                                   SOP Instance UIDs); NULL: random per process   */
     const char *tls_cert, *tls_key, *tls_client_ca; /* PEM files; NULL: plaintext */
     size_t max_image_bytes;    /* default 20 MiB                                */
     size_t max_question_bytes; /* default 4096                                  */

@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "grpc_client.h"
 #include "health.pb-c.h"
@@ -33,6 +34,8 @@ typedef struct s_args {
     const char *cmd, *server, *key, *image, *media_type, *question, *candidates, *case_id;
     const char *question_file;
     const char *conv_mode, *tls_ca, *tls_cert, *tls_key;
+    const char *window;  /* DICOM: VOI window preset name */
+    unsigned long frame; /* DICOM: 1-based frame, 0 = middle */
     unsigned long max_tokens;
     double temperature, top_p;
     unsigned long long seed;
@@ -45,8 +48,14 @@ static void s_usage(FILE *f) {
             "usage: medmoe ask|classify|status --server HOST:PORT [--key KEY] [options]\n"
             "  --server HOST:PORT     medmoe-router's --grpc-listen address\n"
             "  --key KEY              the tenant's API key (default: $MEDMOE_API_KEY)\n"
-            "  --image F              PNG or JPEG file (optional: a text-only question)\n"
-            "  --media-type T         image/png | image/jpeg (default: detected by the server)\n"
+            "  --image F              PNG, JPEG or DICOM file (optional: a text-only question)\n"
+            "  --media-type T         image/png | image/jpeg | application/dicom (default:\n"
+            "                         application/dicom for a .dcm name, else detected by the\n"
+            "                         server)\n"
+            "  --window W             DICOM: auto (the file's window), full, or a CT preset:\n"
+            "                         lung (W1500/L-600), mediastinum (W350/L50),\n"
+            "                         bone (W1800/L400), brain (W80/L40)\n"
+            "  --frame N              DICOM multi-frame: frame N, 1-based (default: middle)\n"
             "  --question Q           the question (required for ask and classify)\n"
             "  --question-file F      the question from a file (UTF-8 text, no NUL)\n"
             "  --candidates a,b,c     classify: the candidate answers\n"
@@ -97,6 +106,8 @@ static int s_parse_args(int argc, char **argv, s_args *a) {
                                          {"key", required_argument, 0, 'k'},
                                          {"image", required_argument, 0, 'i'},
                                          {"media-type", required_argument, 0, 'm'},
+                                         {"window", required_argument, 0, 'W'},
+                                         {"frame", required_argument, 0, 'F'},
                                          {"question", required_argument, 0, 'q'},
                                          {"question-file", required_argument, 0, 'Q'},
                                          {"candidates", required_argument, 0, 'c'},
@@ -124,6 +135,17 @@ static int s_parse_args(int argc, char **argv, s_args *a) {
         case 'k': a->key = optarg; break;
         case 'i': a->image = optarg; break;
         case 'm': a->media_type = optarg; break;
+        case 'W': a->window = optarg; break;
+        case 'F': {
+            char *end;
+            errno = 0;
+            a->frame = strtoul(optarg, &end, 10);
+            if (*end || errno || a->frame > 0xffffffffUL) {
+                fprintf(stderr, "medmoe: --frame wants a frame number (1-based)\n");
+                return -1;
+            }
+            break;
+        }
         case 'q': a->question = optarg; break;
         case 'Q': a->question_file = optarg; break;
         case 'c': a->candidates = optarg; break;
@@ -582,6 +604,16 @@ int main(int argc, char **argv) {
     image.data.data = img;
     image.data.len = img_len;
     image.media_type = (char *)(a.media_type ? a.media_type : "");
+    /* a .dcm name is DICOM even without the Part 10 preamble */
+    size_t il = a.image ? strlen(a.image) : 0;
+    if (!a.media_type && il > 4 && strcasecmp(a.image + il - 4, ".dcm") == 0)
+        image.media_type = (char *)"application/dicom";
+    Medmoe__V1__DicomOptions dicom = MEDMOE__V1__DICOM_OPTIONS__INIT;
+    if (a.window || a.frame) { /* the server checks the name and the frame */
+        dicom.window = (char *)(a.window ? a.window : "");
+        dicom.frame = (uint32_t)a.frame;
+        image.dicom = &dicom;
+    }
 
     uint8_t *req = NULL;
     size_t req_len = 0;

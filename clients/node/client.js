@@ -11,6 +11,11 @@
 // Command line (same shape as the C `medmoe` CLI; exit 1 with "medmoe: STATUS: message"):
 //   node client.js ask|classify|status --server HOST:PORT --key KEY [--image F]
 //        --question Q [--candidates a,b,c] [--stream] [--json] [--tls-ca F ...]
+//        [--media-type T] [--window auto|full|lung|mediastinum|bone|brain] [--frame N]
+//
+// DICOM: image: { data, media_type: 'application/dicom', dicom: { window: 'lung', frame: 0 } }
+// (window: '' = the file's, or a CT preset; frame: 1-based, 0 = the middle frame). A file
+// whose name ends in .dcm is sent as application/dicom unless --media-type says otherwise.
 'use strict';
 
 const fs = require('fs');
@@ -68,7 +73,7 @@ function parseArgs(argv) {
   const flags = { stream: false, json: false };
   const withValue = new Set(['server', 'key', 'image', 'media-type', 'question', 'candidates',
                              'max-tokens', 'temperature', 'top-p', 'seed', 'conv-mode', 'case-id',
-                             'timeout-ms', 'tls-ca', 'tls-cert', 'tls-key']);
+                             'timeout-ms', 'tls-ca', 'tls-cert', 'tls-key', 'window', 'frame']);
   const cmd = argv[0];
   for (let i = 1; i < argv.length; i++) {
     const a = argv[i];
@@ -105,7 +110,13 @@ async function main(argv) {
     ? { ca: f['tls-ca'], cert: f['tls-cert'], key: f['tls-key'] } : null;
   const c = connect(f.server, { key: f.key || process.env.MEDMOE_API_KEY, tls,
                                 timeoutMs: f['timeout-ms'] ? Number(f['timeout-ms']) : 0 });
-  const image = f.image ? { data: fs.readFileSync(f.image), media_type: f['media-type'] || '' } : null;
+  let image = null;
+  if (f.image) {
+    const dcm = /\.dcm$/i.test(f.image);
+    image = { data: fs.readFileSync(f.image),
+              media_type: f['media-type'] || (dcm ? 'application/dicom' : '') };
+    if (f.window || f.frame) image.dicom = { window: f.window || '', frame: Number(f.frame || 0) };
+  }
   const base = { case_id: f['case-id'] || '', question: f.question || '', conv_mode: f['conv-mode'] || '' };
   if (image) base.image = image;
   const out = (o) => process.stdout.write(JSON.stringify(o, null, 1) + '\n');

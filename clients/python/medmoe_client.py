@@ -12,10 +12,15 @@ choice (never committed): load_stubs(DIR) makes them when missing or older than 
         for chunk in c.ask_stream("Describe the image.", image=png):
             print(chunk.text, end="", flush=True)
         ranked = c.classify("Which modality?", ["ct", "mri", "x-ray"], image=png)
+        # DICOM: the bytes of a Part 10 file; a CT preset window and a frame are optional
+        ans = c.ask("Any nodule?", image=open("ct.dcm", "rb").read(), media_type="application/dicom",
+                    dicom_window="lung", dicom_frame=0)
 
 Command line (same shape as the C `medmoe` CLI; exit 1 with "medmoe: STATUS: message"):
     medmoe_client.py ask|classify|status --server HOST:PORT --key KEY [--image F] --question Q
                      [--candidates a,b,c] [--stream] [--json] [--stubs DIR]
+                     [--media-type T] [--window auto|full|lung|mediastinum|bone|brain] [--frame N]
+A file whose name ends in .dcm is sent as application/dicom unless --media-type says otherwise.
 """
 
 import argparse
@@ -99,22 +104,30 @@ class Client:
         return [("authorization", "Bearer " + k)] if k else []
 
     # -- requests ------------------------------------------------------------------------
+    def image_message(self, image, media_type="", dicom_window="", dicom_frame=0):
+        """An Image: the encoded bytes; for DICOM, the window preset and the frame (1-based,
+        0 = middle) go in Image.dicom (proto/medmoe.proto, DicomOptions)."""
+        img = self.pb.Image(data=image, media_type=media_type)
+        if dicom_window or dicom_frame:
+            img.dicom.CopyFrom(self.pb.DicomOptions(window=dicom_window, frame=dicom_frame))
+        return img
+
     def case_request(self, question, image=None, media_type="", max_tokens=0, temperature=0.0,
-                     top_p=0.0, seed=0, case_id="", conv_mode=""):
+                     top_p=0.0, seed=0, case_id="", conv_mode="", dicom_window="", dicom_frame=0):
         req = self.pb.CaseRequest(case_id=case_id, question=question, conv_mode=conv_mode,
                                   options=self.pb.GenerationOptions(max_tokens=max_tokens,
                                                                     temperature=temperature,
                                                                     top_p=top_p, seed=seed))
         if image is not None:
-            req.image.CopyFrom(self.pb.Image(data=image, media_type=media_type))
+            req.image.CopyFrom(self.image_message(image, media_type, dicom_window, dicom_frame))
         return req
 
     def classify_request(self, question, candidates, image=None, media_type="", case_id="",
-                         conv_mode=""):
+                         conv_mode="", dicom_window="", dicom_frame=0):
         req = self.pb.ClassifyRequest(case_id=case_id, question=question, candidates=list(candidates),
                                       conv_mode=conv_mode)
         if image is not None:
-            req.image.CopyFrom(self.pb.Image(data=image, media_type=media_type))
+            req.image.CopyFrom(self.image_message(image, media_type, dicom_window, dicom_frame))
         return req
 
     # -- calls (grpc.RpcError on a non-OK status: .code(), .details()) ---------------------
@@ -155,6 +168,9 @@ def main(argv=None):
     ap.add_argument("--key", default=os.environ.get("MEDMOE_API_KEY"))
     ap.add_argument("--image")
     ap.add_argument("--media-type", default="")
+    ap.add_argument("--window", default="", help="DICOM VOI window: auto, full, or a CT preset "
+                    "(lung W1500/L-600, mediastinum W350/L50, bone W1800/L400, brain W80/L40)")
+    ap.add_argument("--frame", type=int, default=0, help="DICOM multi-frame: 1-based frame (0 = middle)")
     ap.add_argument("--question")
     ap.add_argument("--candidates")
     ap.add_argument("--max-tokens", type=int, default=0)
@@ -180,12 +196,16 @@ def main(argv=None):
         tls = {"ca": a.tls_ca, "cert": a.tls_cert, "key": a.tls_key}
     timeout = a.timeout_ms / 1000.0 if a.timeout_ms else None
     image = read_file(a.image) if a.image else None
+    media_type = a.media_type
+    if not media_type and a.image and a.image.lower().endswith(".dcm"):
+        media_type = "application/dicom"
+    dicom = dict(dicom_window=a.window, dicom_frame=a.frame)
     try:
         with Client(a.server, key=a.key, tls=tls, stub_dir=a.stubs) as c:
             if a.cmd == "ask":
-                kw = dict(image=image, media_type=a.media_type, max_tokens=a.max_tokens,
+                kw = dict(image=image, media_type=media_type, max_tokens=a.max_tokens,
                           temperature=a.temperature, top_p=a.top_p, seed=a.seed, case_id=a.case_id,
-                          conv_mode=a.conv_mode)
+                          conv_mode=a.conv_mode, **dicom)
                 if a.stream:
                     final = None
                     for ch in c.ask_stream(a.question, timeout=timeout, **kw):
@@ -203,7 +223,8 @@ def main(argv=None):
                     print(json.dumps(to_dict(ans), indent=1) if a.json else ans.answer)
             elif a.cmd == "classify":
                 r = c.classify(a.question, a.candidates.split(","), timeout=timeout, image=image,
-                               media_type=a.media_type, case_id=a.case_id, conv_mode=a.conv_mode)
+                               media_type=media_type, case_id=a.case_id, conv_mode=a.conv_mode,
+                               **dicom)
                 if a.json:
                     print(json.dumps(to_dict(r), indent=1))
                 else:
