@@ -8,9 +8,12 @@
 
 #include <ctype.h>
 #include <math.h>
+#include <setjmp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <jpeglib.h>
 
 /* ------------------------------------------------------------------------ */
 /* Tags                                                                     */
@@ -199,6 +202,16 @@ static uint32_t s_rd32(const s_walk *w, size_t p, int big) {
                      (uint32_t)w->b[p + 3] << 24;
 }
 
+/* One of the VRs of PS3.5 6.2 (GDCM asserts on others in the meta group). */
+static int s_known_vr(const uint8_t *vr) {
+    static const char all[] =
+        "AEASATCSDADSDTFLFDISLOLTOBODOFOLOVOWPNSHSLSQSSSTSVTMUCUIULUNURUSUTUV";
+    for (size_t i = 0; i + 1 < sizeof all; i += 2)
+        if (vr[0] == all[i] && vr[1] == all[i + 1])
+            return 1;
+    return 0;
+}
+
 static int s_long_vr(const uint8_t *vr) {
     static const char *const longs[] = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ",
                                         "SV", "UC", "UN", "UR", "UT", "UV"};
@@ -242,6 +255,8 @@ static int s_walk_set(s_walk *w, size_t *pos, size_t end, int explicit_vr, int b
         int is_sq = 0, is_un = 0;
         if (explicit_vr) {
             const uint8_t *vr = w->b + p + 4;
+            if ((vr[0] >= 'A' && vr[0] <= 'Z' && vr[1] >= 'A' && vr[1] <= 'Z') && !s_known_vr(vr))
+                return s_bad(w, p, "unknown value representation", tag);
             if (vr[0] < 'A' || vr[0] > 'Z' || vr[1] < 'A' || vr[1] > 'Z') {
                 /* an implicit-VR element inside an explicit data set: old
                  * writers do this, and GDCM and pydicom both read it so */
@@ -365,6 +380,8 @@ static int s_walk_all(s_walk *w) {
     while (w->n - pos >= 8 && s_rd16(w, pos, 0) == 0x0002) {
         uint32_t tag = 0x00020000u | s_rd16(w, pos + 2, 0);
         const uint8_t *vr = w->b + pos + 4;
+        if (!s_known_vr(vr))
+            return s_bad(w, pos, "meta element without a valid value representation", tag);
         size_t hdr = s_long_vr(vr) ? 12 : 8;
         if (w->n - pos < hdr)
             return s_bad(w, pos, "meta element header cut short", tag);
@@ -1011,6 +1028,67 @@ static int s_rle_frame(const uint8_t *frag, size_t len, size_t npix, unsigned sp
     return MM_OK;
 }
 
+/* 8-bit JPEG baseline (the common lossy syntax) is decoded here with
+ * libjpeg-turbo, as image.c decodes JPEG files, not by GDCM: GDCM's 8-bit
+ * JPEG codec ends in assert(0) on some corrupt streams (found by mutating
+ * test files), which would take the whole server down. libjpeg reports
+ * errors through error_exit (a longjmp here); its warnings about corrupt
+ * data are recoverable and silent, as in GDCM. Colour is left as the DICOM
+ * header says (RGB, or YCbCr upsampled by libjpeg and converted by
+ * s_colour), never guessed from JFIF/Adobe markers. */
+typedef struct s_jerr {
+    struct jpeg_error_mgr pub;
+    jmp_buf jb;
+    char msg[JMSG_LENGTH_MAX];
+} s_jerr;
+
+static void s_jerr_exit(j_common_ptr c) {
+    s_jerr *e = (s_jerr *)c->err;
+    (*c->err->format_message)(c, e->msg);
+    longjmp(e->jb, 1);
+}
+
+static void s_jerr_emit(j_common_ptr c, int level) { (void)c, (void)level; }
+
+static int s_jpeg8_frame(const uint8_t *frag, size_t len, size_t cols, size_t rows, unsigned spp,
+                         int ybr, uint8_t *dst, char *err, size_t errlen) {
+    struct jpeg_decompress_struct ci;
+    s_jerr je;
+    const char *why = NULL;
+    ci.err = jpeg_std_error(&je.pub);
+    je.pub.error_exit = s_jerr_exit;
+    je.pub.emit_message = s_jerr_emit;
+    jpeg_create_decompress(&ci);
+    if (setjmp(je.jb)) {
+        jpeg_destroy_decompress(&ci);
+        return mm_errorf(err, errlen, MM_EPROTO, "dicom: JPEG baseline frame: %s", je.msg);
+    }
+    jpeg_mem_src(&ci, frag, (unsigned long)len);
+    jpeg_read_header(&ci, TRUE);
+    if (ci.image_width != cols || ci.image_height != rows)
+        why = "its size differs from Rows/Columns";
+    else if (ci.num_components != (int)spp)
+        why = "its number of components differs from Samples per Pixel";
+    else if (ci.data_precision != 8)
+        why = "it is not 8-bit";
+    if (why) {
+        jpeg_destroy_decompress(&ci);
+        return mm_errorf(err, errlen, MM_EPROTO, "dicom: JPEG baseline frame: %s", why);
+    }
+    if (spp == 3)
+        ci.jpeg_color_space = ci.out_color_space = ybr ? JCS_YCbCr : JCS_RGB;
+    else
+        ci.out_color_space = JCS_GRAYSCALE;
+    jpeg_start_decompress(&ci);
+    while (ci.output_scanline < ci.output_height) {
+        JSAMPROW row = dst + (size_t)ci.output_scanline * cols * spp;
+        jpeg_read_scanlines(&ci, &row, 1);
+    }
+    jpeg_finish_decompress(&ci);
+    jpeg_destroy_decompress(&ci);
+    return MM_OK;
+}
+
 int mm_dicom_decode(const void *bytes, size_t len, const mm_dicom_options *o, size_t max_pixels,
                     mm_image **out, char *err, size_t errlen) {
     if (!out)
@@ -1075,6 +1153,11 @@ int mm_dicom_decode(const void *bytes, size_t len, const mm_dicom_options *o, si
             size_t fl = d.w.frag_len[1 + frame];
             if (rle) {
                 rc = s_rle_frame(fp, fl, npix, in->samples, (unsigned)bps, frames, err, errlen);
+                written = all;
+            } else if (strcmp(in->transfer_syntax, "1.2.840.10008.1.2.4.50") == 0 &&
+                       in->bits_allocated == 8) {
+                rc = s_jpeg8_frame(fp, fl, in->cols, in->rows, in->samples,
+                                   h->pi == S_YBR_FULL || h->pi == S_YBR_422, frames, err, errlen);
                 written = all;
             } else {
                 rc = mm_gdcm_decode_fragment(in->transfer_syntax, &px, fp, fl, frames, all,

@@ -16,12 +16,16 @@ extern "C" {
 #include <gdcmFragment.h>
 #include <gdcmImage.h>
 #include <gdcmItem.h>
+#include <gdcmJPEG2000Codec.h>
+#include <gdcmJPEGCodec.h>
+#include <gdcmJPEGLSCodec.h>
 #include <gdcmPhotometricInterpretation.h>
 #include <gdcmReader.h>
 #include <gdcmSequenceOfItems.h>
 #include <gdcmTrace.h>
 #include <gdcmTransferSyntax.h>
 
+#include <cstring>
 #include <istream>
 #include <mutex>
 #include <new>
@@ -175,6 +179,53 @@ extern "C" int mm_gdcm_encapsulated(const mm_gdcm_file *f) {
     }
 }
 
+/* One codec on the Pixel Data element de, told exactly what px says. The
+ * output is copied into dst up to dstlen (GDCM's own Bitmap::GetBuffer
+ * copies the codec's whole output, and falls back to its PVRG codec, which
+ * writes the data to a temporary file for an external program: never used
+ * here). */
+template <class Codec>
+static int s_run(Codec &codec, const gdcm::TransferSyntax &ts, const char *ts_uid,
+                 const mm_gdcm_pixels *px, const gdcm::DataElement &de, uint8_t *dst, size_t dstlen,
+                 size_t *written, char *err, size_t errlen) {
+    if (!codec.CanDecode(ts))
+        return mm_errorf(err, errlen, MM_EUNSUPPORTED,
+                         "dicom: transfer syntax %.64s is not one GDCM's codec decodes", ts_uid);
+    unsigned int dims[3] = {px->cols, px->rows, px->frames};
+    codec.SetNumberOfDimensions(px->frames > 1 ? 3 : 2);
+    codec.SetDimensions(dims);
+    codec.SetPlanarConfiguration(px->planar);
+    codec.SetPhotometricInterpretation(gdcm::PhotometricInterpretation(
+        gdcm::PhotometricInterpretation::GetPIType(px->photometric)));
+    gdcm::PixelFormat pf(uint16_t(px->samples), uint16_t(px->bits_allocated),
+                         uint16_t(px->bits_stored), uint16_t(px->high_bit),
+                         uint16_t(px->pixel_representation));
+    codec.SetPixelFormat(pf);
+    codec.SetNeedOverlayCleanup(false);
+    gdcm::DataElement out;
+    if (!codec.Decode(de, out))
+        return mm_errorf(err, errlen, MM_EPROTO,
+                         "dicom: GDCM could not decode the %.64s pixel data (corrupt, or "
+                         "inconsistent with the header)",
+                         ts_uid);
+    if (codec.GetPixelFormat().GetBitsAllocated() != pf.GetBitsAllocated() ||
+        codec.GetPixelFormat().GetSamplesPerPixel() != pf.GetSamplesPerPixel())
+        return mm_errorf(err, errlen, MM_EPROTO,
+                         "dicom: the codestream holds %u samples of %u bits a pixel, the "
+                         "header says %u of %u",
+                         unsigned(codec.GetPixelFormat().GetSamplesPerPixel()),
+                         unsigned(codec.GetPixelFormat().GetBitsAllocated()), px->samples,
+                         px->bits_allocated);
+    const gdcm::ByteValue *bv = out.GetByteValue();
+    if (!bv)
+        return mm_errorf(err, errlen, MM_EPROTO, "dicom: the codec produced no pixels");
+    size_t got = size_t(uint32_t(bv->GetLength()));
+    size_t n = got < dstlen ? got : dstlen;
+    memcpy(dst, bv->GetPointer(), n);
+    *written = n;
+    return MM_OK;
+}
+
 /* Decode the Pixel Data element de (encapsulated) as px describes. */
 static int s_decode(const char *ts_uid, const mm_gdcm_pixels *px, const gdcm::DataElement &de,
                     uint8_t *dst, size_t dstlen, size_t *written, char *err, size_t errlen) {
@@ -183,32 +234,14 @@ static int s_decode(const char *ts_uid, const mm_gdcm_pixels *px, const gdcm::Da
     if (tst == gdcm::TransferSyntax::TS_END || !ts.IsEncapsulated())
         return mm_errorf(err, errlen, MM_EUNSUPPORTED,
                          "dicom: transfer syntax %.64s is not one GDCM can decompress", ts_uid);
-    gdcm::Image img;
-    img.SetNumberOfDimensions(px->frames > 1 ? 3 : 2);
-    img.SetDimension(0, px->cols);
-    img.SetDimension(1, px->rows);
-    if (px->frames > 1)
-        img.SetDimension(2, px->frames);
-    img.SetPixelFormat(gdcm::PixelFormat(uint16_t(px->samples), uint16_t(px->bits_allocated),
-                                         uint16_t(px->bits_stored), uint16_t(px->high_bit),
-                                         uint16_t(px->pixel_representation)));
-    img.SetPhotometricInterpretation(gdcm::PhotometricInterpretation(
-        gdcm::PhotometricInterpretation::GetPIType(px->photometric)));
-    img.SetPlanarConfiguration(px->planar);
-    img.SetTransferSyntax(ts);
-    img.SetDataElement(de);
-    size_t need = img.GetBufferLength();
-    if (need > dstlen)
-        return mm_errorf(err, errlen, MM_EPROTO,
-                         "dicom: the codec wants %zu bytes, more than the %zu the header implies",
-                         need, dstlen);
-    if (!img.GetBuffer(reinterpret_cast<char *>(dst)))
-        return mm_errorf(err, errlen, MM_EPROTO,
-                         "dicom: GDCM could not decode the %.64s pixel data (corrupt, or "
-                         "inconsistent with the header)",
-                         ts_uid);
-    *written = need;
-    return MM_OK;
+    gdcm::JPEG2000Codec j2k;
+    if (j2k.CanDecode(ts))
+        return s_run(j2k, ts, ts_uid, px, de, dst, dstlen, written, err, errlen);
+    gdcm::JPEGLSCodec jls;
+    if (jls.CanDecode(ts))
+        return s_run(jls, ts, ts_uid, px, de, dst, dstlen, written, err, errlen);
+    gdcm::JPEGCodec c; /* baseline, extended, lossless; s_run refuses anything else */
+    return s_run(c, ts, ts_uid, px, de, dst, dstlen, written, err, errlen);
 }
 
 #define S_CATCH_ALL                                                                                \

@@ -19,6 +19,37 @@ def sh(*cmd, **kw):
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout
 
 
+def make_dicom(png, path):
+    """A CT slice as a PACS would send it, made from a demo PNG: signed 16-bit Hounsfield
+    units (stored = 8 * grey, Rescale Intercept -1024), no window (so the full range shows, which
+    is the PNG again). The patient attributes are invented, and never reach a log or the audit."""
+    import numpy as np
+    from PIL import Image
+    from dicom_synth import CT_IMAGE, image_dataset
+    grey = np.asarray(Image.open(png).convert("L")).astype(np.int16)
+    ds = image_dataset(grey.shape[0], grey.shape[1], bits=16, signed=True, modality="CT",
+                       sop_class=CT_IMAGE, patient=("Demo^Patient", "DEMO-0001", "19700101"))
+    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+    ds.PixelData = (grey * 8).tobytes()
+    ds.save_as(path, write_like_original=False)
+
+
+def dicom_case(build, server, key, run, cases_dir, cases):
+    """One case as DICOM (application/dicom), through the C CLI."""
+    c = next((c for c in cases if c["modality"].lower() == "ct"), cases[0])
+    dcm = os.path.join(run, os.path.splitext(c["image"])[0] + ".dcm")
+    make_dicom(os.path.join(cases_dir, c["image"]), dcm)
+    t0 = time.monotonic()
+    d = json.loads(sh(os.path.join(build, "clients", "medmoe"), "ask", "--server", server, "--key", key,
+                      "--image", dcm, "--question", c["question"], "--max-tokens", "8",
+                      "--case-id", "demo-dicom", "--json"))
+    ok = c["answer"].lower() in d.get("answer", "").lower()
+    print("[DICOM] %s (CT, 16-bit signed HU, made from %s) — %s\n    answer: %-12s truth: %-10s %s"
+          "   (%.0f ms, via C CLI, application/dicom)"
+          % (os.path.basename(dcm), c["image"], c["question"], d.get("answer", ""), c["answer"],
+             "correct" if ok else "WRONG", (time.monotonic() - t0) * 1000))
+
+
 def main():
     build = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "build"))
     run = os.path.join(build, "demo-run")
@@ -95,6 +126,7 @@ def main():
                       % (c["modality"], c["image"], c["question"], answer, c["answer"],
                          "correct" if ok else "WRONG", ms, via, "; ".join(served) or "-"))
         print("== %d of %d answers contain the ground truth" % (right, len(cases)))
+        dicom_case(build, server, key, run, cases_dir, cases)
         print("== classification through the C CLI:")
         print(sh(os.path.join(build, "clients", "medmoe"), "classify", "--server", server,
                  "--key", key, "--image", os.path.join(cases_dir, cases[0]["image"]),

@@ -32,6 +32,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "grpc"))
 import grpclib as G  # noqa: E402
 
+sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
+from dicom_synth import CT_IMAGE, SECONDARY_CAPTURE, image_dataset  # noqa: E402
+
 D, MC, TestFailure, log = G.D, G.MC, G.TestFailure, G.log
 QUESTION = "What modality is this image?"
 CANDIDATES = ["ct", "mri", "x-ray", "pathology"]
@@ -40,32 +43,14 @@ NAME, PID, BIRTH = "Quokkason^Zebedee", "PID-88442211", "19310917"
 
 def make_files(png_path, out):
     """rgb.dcm (the PNG's pixels), ct.dcm (CT slice), mf.dcm (3 frames), sr.dcm (no pixels)."""
-    import pydicom
     from PIL import Image
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     rgb = np.asarray(Image.open(png_path).convert("RGB"))
     grey = np.asarray(Image.open(png_path).convert("L")).astype(np.int32)
     h, w = grey.shape
 
-    def base(pi, spp, ba, pr, modality, sop_class="1.2.840.10008.5.1.4.1.1.7"):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = sop_class
-        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, ds.file_meta.MediaStorageSOPInstanceUID
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate = NAME, PID, BIRTH
-        ds.Modality = modality
-        ds.Rows, ds.Columns = h, w
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = spp, pi
-        ds.BitsAllocated = ds.BitsStored = ba
-        ds.HighBit, ds.PixelRepresentation = ba - 1, pr
-        if spp == 3:
-            ds.PlanarConfiguration = 0
-        ds.is_little_endian, ds.is_implicit_VR = True, False
-        return ds
+    def base(pi, spp, ba, pr, modality, sop_class=SECONDARY_CAPTURE):
+        return image_dataset(h, w, pi, spp, ba, None, pr == 1, modality, sop_class, (NAME, PID, BIRTH))
 
     files = {}
     ds = base("RGB", 3, 8, 0, "XC")
@@ -73,7 +58,7 @@ def make_files(png_path, out):
     files["rgb"] = os.path.join(out, "rgb.dcm")
     ds.save_as(files["rgb"], write_like_original=False)
 
-    ds = base("MONOCHROME2", 1, 16, 1, "CT", "1.2.840.10008.5.1.4.1.1.2")
+    ds = base("MONOCHROME2", 1, 16, 1, "CT", CT_IMAGE)
     ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
     ds.WindowCenter, ds.WindowWidth = 40, 400
     ds.PixelData = (grey * 8).astype(np.int16).tobytes()  # -1024 .. 1016 HU

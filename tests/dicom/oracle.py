@@ -33,11 +33,13 @@ import warnings
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.pixel_data_handlers.util import (apply_color_lut, apply_modality_lut, apply_voi,
                                               apply_windowing, convert_color_space)
-from pydicom.uid import (ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
-                         generate_uid)
+from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tools"))
+from dicom_synth import image_dataset  # noqa: E402
 
 warnings.filterwarnings("ignore")
 # pydicom "decodes" these only because its GDCM handler ignores GDCM's failure and returns the
@@ -138,27 +140,8 @@ def expected(ds, frame, window):
 
 # ---------------------------------------------------------------- generated files
 def base_ds(rows, cols, pi="MONOCHROME2", spp=1, ba=16, bs=None, pr=0, modality="OT"):
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.PatientName = "Oracle^Test"
-    ds.PatientID = "ORACLE-1"
-    ds.Modality = modality
-    ds.Rows, ds.Columns = rows, cols
-    ds.SamplesPerPixel = spp
-    ds.PhotometricInterpretation = pi
-    ds.BitsAllocated = ba
-    ds.BitsStored = bs or ba
-    ds.HighBit = (bs or ba) - 1
-    ds.PixelRepresentation = pr
-    if spp == 3:
-        ds.PlanarConfiguration = 0
-    ds.is_little_endian, ds.is_implicit_VR = True, False
-    return ds
+    return image_dataset(rows, cols, pi, spp, ba, bs, pr == 1, modality,
+                         patient=("Oracle^Test", "ORACLE-1", "19000101"))
 
 
 def save(ds, path, ts=None):
