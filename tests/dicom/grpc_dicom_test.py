@@ -212,7 +212,8 @@ def scenario(a):
         import pydicom
         uid = str(pydicom.dcmread(files["ct"]).SOPInstanceUID)
         recs = [json.loads(line) for line in texts[audit].splitlines() if line.strip()]
-        lung = [r for r in recs if r.get("case_id") == "ct-lung"]
+        # the case's closing record ("event": "end") carries the outcome and the dicom field
+        lung = [r for r in recs if r.get("case_id") == "ct-lung" and r.get("event", "end") == "end"]
         want = {"sop_instance_uid_sha256": hashlib.sha256(salt + uid.encode()).hexdigest(),
                 "modality": "CT", "window": "lung", "frame": 0}
         if len(lung) != 1 or lung[0].get("dicom") != want:
