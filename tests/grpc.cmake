@@ -30,7 +30,7 @@ if(TARGET medmoe-router AND TARGET medmoe-expert AND TARGET medmoe AND TARGET me
   # | driver (default grpc_test.py; hostile_test.py: floods and stalled readers, the router's
   # RSS measured before, at the peak and after, each held under a limit stated in that file)
   set(MM_GRPC_TESTS
-      "flood|180||hostile_test.py"
+      "flood|300||hostile_test.py"
       "stalled_reader|120||hostile_test.py"
       "python|60|"
       "cli|60|"

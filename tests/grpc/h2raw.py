@@ -70,6 +70,8 @@ class H2Conn:
         self.rst = 0
         self.goaway = False
         self.error = None
+        self.got_settings = threading.Event()  # the server's SETTINGS came (and were acked)
+        self.pong = threading.Event()          # a PING ACK came
         settings = b""
         if initial_window is not None:
             settings = struct.pack(">HI", SETTINGS_INITIAL_WINDOW_SIZE, initial_window)
@@ -99,7 +101,10 @@ class H2Conn:
                     self.counts[ftype] = self.counts.get(ftype, 0) + 1
                     if ftype == SETTINGS and not flags & ACK:
                         self.send(frame(SETTINGS, ACK, 0))
-                    elif ftype == PING and not flags & ACK:
+                        self.got_settings.set()
+                    elif ftype == PING and flags & ACK:
+                        self.pong.set()
+                    elif ftype == PING:
                         pass  # a client that stalls may well not answer pings either
                     elif ftype == HEADERS:
                         self.headers_on.add(sid)
@@ -110,6 +115,17 @@ class H2Conn:
         except OSError as e:
             if not self.closed:
                 self.error = e
+
+    def sync(self, timeout=30):
+        """Waits until the server's SETTINGS are in force: they came, we acked them, and a PING
+        sent after the ACK came back (the server reads frames in order). Its limits (max
+        concurrent streams) apply to every stream opened after this."""
+        if not self.got_settings.wait(timeout):
+            raise OSError("no SETTINGS from the server within %d s" % timeout)
+        self.pong.clear()
+        self.send(frame(PING, 0, 0, b"medmoe!!"))
+        if not self.pong.wait(timeout):
+            raise OSError("no PING ACK from the server within %d s" % timeout)
 
     def open_stream(self, path, key=None, end_stream=False):
         sid = self.next_id
