@@ -707,12 +707,17 @@ int mm_metrics_serve(mm_metrics *reg, const char *listen_at, mm_metrics_server *
     }
     s->reg = reg;
     s->port = port;
-    /* One polling thread: scrapes are rare and rendering is quick. Limits
-     * keep a misbehaving client from holding the thread or many sockets. */
+    /* One polling thread: scrapes are rare and rendering is quick; an idle
+     * connection costs a socket, not the thread. The limits bound what one
+     * client can hold so that others' scrapes are still answered: at most
+     * MM_METRICS_PER_IP connections per client address (more are closed at
+     * accept), MM_METRICS_CONNECTIONS in all, each closed after
+     * MM_METRICS_IDLE_S without a byte, 64 KiB of buffers each. */
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL | (v6 ? MHD_USE_IPv6 : 0);
     s->mhd = MHD_start_daemon(flags, 0, NULL, NULL, s_handle, s, MHD_OPTION_LISTEN_SOCKET, fd,
-                              MHD_OPTION_CONNECTION_LIMIT, (unsigned)32,
-                              MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)10,
+                              MHD_OPTION_CONNECTION_LIMIT, (unsigned)MM_METRICS_CONNECTIONS,
+                              MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)MM_METRICS_PER_IP,
+                              MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)MM_METRICS_IDLE_S,
                               MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)65536, MHD_OPTION_END);
     if (!s->mhd) {
         close(fd);

@@ -40,6 +40,11 @@
 #define MM_METRICS_MAX_SERIES 4096 /* per family                      */
 #define MM_METRICS_MAX_LABELS 8    /* label names per family           */
 #define MM_METRICS_MAX_BUCKETS 64  /* bucket bounds per histogram      */
+/* The HTTP endpoint's bounds: idle connections of one client cannot keep
+ * another's scrapes out. */
+#define MM_METRICS_PER_IP 8       /* connections per client address   */
+#define MM_METRICS_CONNECTIONS 64 /* connections in all               */
+#define MM_METRICS_IDLE_S 10      /* a silent connection is closed    */
 
 typedef struct mm_metrics mm_metrics;
 typedef struct mm_metric mm_metric;

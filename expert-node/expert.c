@@ -212,7 +212,15 @@ static int s_connect(mm_expert *e, char *err, size_t errlen) {
     if (!e->sock)
         return mm_errorf(err, errlen, MM_EIO, "zmq_socket: %s", zmq_strerror(zmq_errno()));
     int zero = 0, hwm = 1000;
-    int64_t maxmsg = (int64_t)1 << 30;
+    /* ZMQ_MAXMSGSIZE: a frame larger than the largest Work this expert takes
+     * (--capacity rows, else MM_WIRE_MAX_ROWS, of hidden_size f32) closes
+     * the connection before anything is allocated for it. */
+    int64_t maxmsg;
+    size_t rows = e->o.capacity > 0 && e->o.capacity < MM_WIRE_MAX_ROWS ? (size_t)e->o.capacity
+                                                                        : MM_WIRE_MAX_ROWS;
+    int rc0 = mm_wire_max_frame(rows, (size_t)e->cfg->hidden_size, &maxmsg, err, errlen);
+    if (rc0 != MM_OK)
+        return rc0;
     zmq_setsockopt(e->sock, ZMQ_LINGER, &zero, sizeof zero);
     zmq_setsockopt(e->sock, ZMQ_SNDHWM, &hwm, sizeof hwm);
     zmq_setsockopt(e->sock, ZMQ_RCVHWM, &hwm, sizeof hwm);

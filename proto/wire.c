@@ -143,6 +143,10 @@ int mm_wire_recv(void *sock, int with_id, mm_wire_msg *msg, char *err, size_t er
             return mm_errorf(err, errlen, MM_EIO, "receive: %s", zmq_strerror(zmq_errno()));
         }
     }
+    /* Frames from the wire carry their connection's metadata (the routing
+     * id frame a ROUTER makes up does not). */
+    const char *addr = zmq_msg_gets(&f, "Peer-Address");
+    snprintf(msg->peer, sizeof msg->peer, "%s", addr ? addr : "");
     size_t hlen = zmq_msg_size(&f);
     if (hlen == 0 || hlen > MM_WIRE_MAX_HEADER) {
         zmq_msg_close(&f);
@@ -213,6 +217,18 @@ const char *mm_wire_id_str(const uint8_t *id, size_t idlen, char *buf, size_t le
     for (size_t i = 0; i < idlen && at + 3 < len; i++)
         at += (size_t)snprintf(buf + at, len - at, "%02x", id[i]);
     return buf;
+}
+
+int mm_wire_max_frame(size_t max_rows, size_t hidden, int64_t *bytes, char *err, size_t errlen) {
+    size_t row, n;
+    if (max_rows < 1 || max_rows > MM_WIRE_MAX_ROWS || hidden < 1 ||
+        !mm_size_mul(hidden, sizeof(float), &row) || !mm_size_mul(max_rows, row, &n) ||
+        n > INT64_MAX)
+        return mm_errorf(err, errlen, MM_EINVAL,
+                         "expert wire: %zu rows of width %zu per batch (rows 1..%d)", max_rows,
+                         hidden, MM_WIRE_MAX_ROWS);
+    *bytes = n > MM_WIRE_MAX_HEADER ? (int64_t)n : MM_WIRE_MAX_HEADER;
+    return MM_OK;
 }
 
 const char *mm_wire_error_str(int code) {

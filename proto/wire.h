@@ -36,6 +36,7 @@
 #define MM_WIRE_MAX_ID 256               /* longest ZeroMQ routing id we keep           */
 #define MM_WIRE_MAX_HEADER 4096          /* an Envelope larger than this is malformed    */
 #define MM_WIRE_ZERO_COPY_MIN (64 << 10) /* tensors at least this big go without copy */
+#define MM_WIRE_MAX_ROWS 4096            /* rows of one Work / Result at most         */
 
 /* Envelope body cases, shorter names. */
 #define MM_WIRE_HELLO MEDMOE__WIRE__ENVELOPE__BODY_HELLO
@@ -69,6 +70,7 @@ int mm_wire_send(void *sock, const void *id, size_t idlen, const Medmoe__Wire__E
 typedef struct mm_wire_msg {
     uint8_t id[MM_WIRE_MAX_ID];  /* sender's routing id (ROUTER side)           */
     size_t idlen;                /* 0 on the DEALER side                        */
+    char peer[64];               /* the connection's remote address ("" unknown) */
     Medmoe__Wire__Envelope *env; /* unpacked header (NULL when malformed)       */
     zmq_msg_t tensor_msg;        /* the tensor frame, when present              */
     int has_tensor;              /* 1: tensor/tensor_len point into tensor_msg  */
@@ -129,6 +131,16 @@ int mm_wire_check_hello(const Medmoe__Wire__Hello *h, int n_experts, const char 
  * (layer, moe, expert): 1 when it fits, 0 when it is malformed. */
 int mm_wire_result_fits(const Medmoe__Wire__Result *res, size_t tensor_len, int layer, int moe,
                         int expert, size_t rows, size_t hidden);
+
+/* ZMQ_MAXMSGSIZE of a socket of the expert wire: the largest legitimate
+ * frame, so a peer cannot make the receiver allocate more. A frame is an
+ * Envelope (at most MM_WIRE_MAX_HEADER bytes) or one tensor of
+ * rows x hidden f32 values, rows <= max_rows (the largest batch: the
+ * router's rows per forward step, an expert's --capacity, at most
+ * MM_WIRE_MAX_ROWS):
+ *     max(MM_WIRE_MAX_HEADER, max_rows * hidden * sizeof(float))
+ * MM_EINVAL (written to err) when max_rows or hidden is out of range. */
+int mm_wire_max_frame(size_t max_rows, size_t hidden, int64_t *bytes, char *err, size_t errlen);
 
 /* Name of an ErrorCode ("BUSY"). */
 const char *mm_wire_error_str(int code);

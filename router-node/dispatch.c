@@ -38,6 +38,7 @@
 #include <unistd.h>
 #include <zmq.h>
 
+#include "peer_tally.h"
 #include "wire.h"
 
 #define S_DEAD_AFTER 3             /* heartbeats of silence that make a peer dead        */
@@ -53,6 +54,7 @@
 #define S_RECOVERED_AFTER 8        /* answers in a row that forget past quarantines      */
 #define S_TICK_MS 100              /* longest poll while idle                            */
 #define S_ZAP_ENDPOINT "inproc://zeromq.zap.01"
+#define S_TALLY_PEERS 64 /* (peer, kind) entries of refusals kept, overflow included */
 
 /* ---- state ----------------------------------------------------------------- */
 
@@ -159,15 +161,16 @@ struct mm_dispatch {
     double deadline_ms;               /* the step's deadline (0: none)               */
     int layer_rc;                     /* the layer failed: why                       */
     char layer_err[512];
-    int queue_full;           /* a send met a full queue: poll briefly       */
-    s_late late[S_LATE_RING]; /* ring of settled sends                       */
-    size_t late_at;           /* next slot in late                           */
-    json_t *refused;          /* [{reason, expert?, node?}]                  */
-    uint64_t dropped;         /* malformed / unexpected / unknown messages   */
-    uint64_t resent;          /* sends after a batch's first                 */
-    uint64_t late_results;    /* answers after their batch was settled       */
-    uint64_t expired;         /* EXPIRED answers                             */
-    uint64_t acct_errors;     /* in-flight counts that would have underflowed */
+    int queue_full;            /* a send met a full queue: poll briefly       */
+    s_late late[S_LATE_RING];  /* ring of settled sends                       */
+    size_t late_at;            /* next slot in late                           */
+    mm_peer_tally *tally;      /* refused and malformed peers, per address    */
+    double insecure_warned_ms; /* plaintext: when the WARNING was last logged  */
+    uint64_t dropped;          /* malformed / unexpected / unknown messages   */
+    uint64_t resent;           /* sends after a batch's first                 */
+    uint64_t late_results;     /* answers after their batch was settled       */
+    uint64_t expired;          /* EXPIRED answers                             */
+    uint64_t acct_errors;      /* in-flight counts that would have underflowed */
     /* timing of the runner (microseconds) */
     uint64_t n_rtt;                   /* batches answered                            */
     double rtt_sum, rtt_min, rtt_max; /* send -> result received, per batch          */
@@ -297,19 +300,43 @@ void mm_dispatch_options_default(mm_dispatch_options *o) {
     o->heartbeat_ms = 1000;
     o->expert_wait_ms = 5000;
     o->batch_timeout_ms = 60000;
+    o->insecure_warn_ms = 60000;
+    o->refusal_log_ms = 10000;
+    o->max_rows = 512;
     o->hwm = 1000;
 }
 
 const char *mm_dispatch_endpoint(const mm_dispatch *d) { return d->endpoint; }
 
-static void s_refused(mm_dispatch *d, const char *reason, int expert, const char *node) {
-    json_t *r = json_pack("{s:s}", "reason", reason);
-    if (r && expert >= 0)
-        json_object_set_new(r, "expert", json_integer(expert));
-    if (r && node && *node)
-        json_object_set_new(r, "node", json_string(node));
-    if (r)
-        json_array_append_new(d->refused, r);
+/* An event caused by a peer that is not (or is no longer) a replica in
+ * service: a refusal, a malformed or unexpected message. It is counted per
+ * peer address and kind; the first of each per refusal_log_ms is logged at
+ * once, the rest as one summary line per interval (s_tally_emit), so a flood
+ * costs neither memory nor log volume in proportion to its size. */
+static void s_peer_event(mm_dispatch *d, const char *peer, const char *kind, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static void s_peer_event(mm_dispatch *d, const char *peer, const char *kind, const char *fmt, ...) {
+    char text[MM_PEER_TALLY_DETAIL];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(text, sizeof text, fmt, ap);
+    va_end(ap);
+    if (mm_peer_tally_note(d->tally, peer, kind, text, s_now(d)))
+        s_log(d, MM_LOG_WARN, "%s", text);
+}
+
+static void s_tally_emit(void *ctx, const mm_peer_tally_entry *e, uint64_t n, double span_ms) {
+    s_log(ctx, MM_LOG_WARN,
+          "%llu more %s event(s) from %s in the last %.1f s (%llu in all); the latest: %s",
+          (unsigned long long)n, e->kind, e->peer, span_ms / 1000, (unsigned long long)e->total,
+          e->detail);
+}
+
+/* Who sent m, for the tally: its address, else its routing id. */
+static const char *s_peer_of(const mm_wire_msg *m, char *buf, size_t len) {
+    if (*m->peer)
+        return m->peer;
+    return mm_wire_id_str(m->id, m->idlen, buf, len);
 }
 
 /* ---- sends and their accounting ------------------------------------------- */
@@ -482,8 +509,10 @@ static int s_send(mm_dispatch *d, size_t ri, const Medmoe__Wire__Envelope *env, 
 static void s_send_to_id(mm_dispatch *d, const uint8_t *id, size_t idlen,
                          const Medmoe__Wire__Envelope *env) {
     char err[256];
+    /* A refused peer that is gone or reads nothing is no news: the refusal
+     * itself is counted and logged (s_peer_event). */
     if (mm_wire_send(d->sock, id, idlen, env, NULL, err, sizeof err) != MM_OK)
-        s_log(d, MM_LOG_WARN, "reply to an unregistered peer failed: %s", err);
+        s_log(d, MM_LOG_DEBUG, "reply to an unregistered peer failed: %s", err);
 }
 
 static void s_drop(mm_dispatch *d, size_t ri, const char *fmt, ...) {
@@ -681,17 +710,19 @@ static long s_find(const mm_dispatch *d, const uint8_t *id, size_t idlen) {
     return -1;
 }
 
+/* Refuse a Hello (kind: "version", "expert", "fingerprint", ...). The
+ * peer is told why; nothing about it is kept but a count in the tally. */
 static void s_refuse(mm_dispatch *d, const mm_wire_msg *m, const char *node, int expert,
-                     const char *reason) {
+                     const char *kind, const char *reason) {
     Medmoe__Wire__Refuse rf = MEDMOE__WIRE__REFUSE__INIT;
     rf.reason = (char *)reason;
     Medmoe__Wire__Envelope env = MEDMOE__WIRE__ENVELOPE__INIT;
     env.body_case = MM_WIRE_REFUSE;
     env.refuse = &rf;
     s_send_to_id(d, m->id, m->idlen, &env);
-    s_log(d, MM_LOG_WARN, "refused %s (expert %d): %s", node && *node ? node : "a peer", expert,
-          reason);
-    s_refused(d, reason, expert, node);
+    char idbuf[2 * MM_WIRE_MAX_ID + 1];
+    s_peer_event(d, s_peer_of(m, idbuf, sizeof idbuf), kind, "refused %.64s (expert %d): %s",
+                 node && *node ? node : "a peer", expert, reason);
 }
 
 /* The latest earlier record of the same process serving expert e: the same
@@ -714,7 +745,10 @@ static void s_hello(mm_dispatch *d, const mm_wire_msg *m) {
     const char *node = h->node ? h->node : "";
     if (mm_wire_check_hello(h, d->o.n_experts, d->fp[0], sizeof d->fp[0], reason, sizeof reason) !=
         MM_OK) {
-        s_refuse(d, m, node, h->expert, reason);
+        const char *kind = h->version != MM_WIRE_VERSION                  ? "version"
+                           : h->expert < 0 || h->expert >= d->o.n_experts ? "expert"
+                                                                          : "fingerprint";
+        s_refuse(d, m, node, h->expert, kind, reason);
         return;
     }
     long old = s_find(d, m->id, m->idlen);
@@ -724,7 +758,7 @@ static void s_hello(mm_dispatch *d, const mm_wire_msg *m) {
         size_t cap = d->capreps ? 2 * d->capreps : 16;
         s_replica *nr = realloc(d->reps, cap * sizeof *nr);
         if (!nr) {
-            s_refuse(d, m, node, h->expert, "router out of memory");
+            s_refuse(d, m, node, h->expert, "memory", "router out of memory");
             return;
         }
         d->reps = nr;
@@ -835,10 +869,10 @@ static void s_result(mm_dispatch *d, long ri, mm_wire_msg *m) {
     char idbuf[2 * MM_WIRE_MAX_ID + 1];
     if (ri < 0) {
         d->dropped++;
-        s_log(d, MM_LOG_WARN,
-              "discarded result for batch %llu from an unregistered or removed peer %s",
-              (unsigned long long)res->batch_id,
-              mm_wire_id_str(m->id, m->idlen, idbuf, sizeof idbuf));
+        s_peer_event(d, s_peer_of(m, idbuf, sizeof idbuf), "unregistered",
+                     "discarded result for batch %llu from an unregistered or removed peer %s",
+                     (unsigned long long)res->batch_id,
+                     mm_wire_id_str(m->id, m->idlen, idbuf, sizeof idbuf));
         return;
     }
     s_replica *r = &d->reps[ri];
@@ -959,10 +993,14 @@ static int s_handle_one(mm_dispatch *d) {
     if (rc == MM_EAGAIN || rc == MM_EIO)
         return rc;
     long ri = s_find(d, m.id, m.idlen);
+    char peer[MM_PEER_TALLY_PEER];
+    snprintf(peer, sizeof peer, "%s",
+             ri >= 0 ? d->reps[ri].name : s_peer_of(&m, idbuf, sizeof idbuf));
     if (rc == MM_EPROTO) {
         d->dropped++;
-        s_log(d, MM_LOG_WARN, "dropped a malformed message from %s: %s",
-              ri >= 0 ? d->reps[ri].name : mm_wire_id_str(m.id, m.idlen, idbuf, sizeof idbuf), err);
+        s_peer_event(
+            d, peer, "malformed", "dropped a malformed message from %s: %s",
+            ri >= 0 ? d->reps[ri].name : mm_wire_id_str(m.id, m.idlen, idbuf, sizeof idbuf), err);
         return MM_OK;
     }
     if (ri >= 0)
@@ -983,9 +1021,10 @@ static int s_handle_one(mm_dispatch *d) {
     case MM_WIRE_RESULT: s_result(d, ri, &m); break;
     default:
         d->dropped++;
-        s_log(d, MM_LOG_WARN, "dropped an unexpected message (body %d) from %s",
-              (int)m.env->body_case,
-              ri >= 0 ? d->reps[ri].name : mm_wire_id_str(m.id, m.idlen, idbuf, sizeof idbuf));
+        s_peer_event(d, peer, "unexpected", "dropped an unexpected message (body %d) from %s",
+                     (int)m.env->body_case,
+                     ri >= 0 ? d->reps[ri].name
+                             : mm_wire_id_str(m.id, m.idlen, idbuf, sizeof idbuf));
         break;
     }
     mm_wire_msg_clear(&m);
@@ -1040,21 +1079,33 @@ static void s_zap_one(mm_dispatch *d) {
     zmq_send(d->zap, "", 0, 0);
     for (int i = 0; i < n; i++)
         zmq_msg_close(&f[i]);
-    if (!ok) {
-        char reason[200];
-        snprintf(reason, sizeof reason, "curve key %s from %s is not in --curve-allow",
-                 *key ? key : "(none)", addr);
-        s_log(d, MM_LOG_WARN, "refused a connection: %s", reason);
-        s_refused(d, reason, -1, addr);
-    }
+    if (!ok)
+        s_peer_event(d, addr, "curve",
+                     "refused a connection: curve key %s from %s is not in --curve-allow",
+                     *key ? key : "(none)", addr);
 }
 
 /* ---- the periodic work ------------------------------------------------------ */
 
 /* Heartbeats to quiet replicas; removal of silent ones; probes of
  * quarantined ones whose back-off is over; probes unanswered in time. */
+static void s_warn_insecure(mm_dispatch *d, double now) {
+    int n = 0;
+    for (size_t i = 0; i < d->nreps; i++)
+        n += d->reps[i].alive;
+    s_log(d, MM_LOG_WARN,
+          "WARNING: the expert socket %s is plaintext (--insecure-experts): any peer that reaches "
+          "it and knows the model's fingerprints joins as an expert and its answers are used; "
+          "%d replica(s) connected (repeated every %d s)",
+          d->endpoint, n, d->o.insecure_warn_ms / 1000);
+    d->insecure_warned_ms = now;
+}
+
 static void s_tick(mm_dispatch *d) {
     double now = s_now(d), hb = d->o.heartbeat_ms;
+    mm_peer_tally_flush(d->tally, now, s_tally_emit, d);
+    if (d->o.insecure && now - d->insecure_warned_ms >= d->o.insecure_warn_ms)
+        s_warn_insecure(d, now);
     for (size_t i = 0; i < d->nreps; i++) {
         s_replica *r = &d->reps[i];
         if (!r->alive)
@@ -1236,9 +1287,10 @@ static int s_start(void *ctx, mm_model *m, mm_expert_job *jobs, size_t n, char *
         mm_expert_job *j = &jobs[i];
         size_t bytes;
         if (j->n < 1 || !mm_size_mul(j->n, (size_t)d->o.hidden * sizeof(float), &bytes) ||
-            j->n > UINT32_MAX || j->expert < 0 || j->expert >= d->o.n_experts) {
-            rc = mm_errorf(err, errlen, MM_EINVAL, "dispatch: job of %zu rows for expert %d", j->n,
-                           j->expert);
+            j->n > d->o.max_rows || j->expert < 0 || j->expert >= d->o.n_experts) {
+            rc = mm_errorf(err, errlen, MM_EINVAL,
+                           "dispatch: job of %zu rows for expert %d (at most %zu rows)", j->n,
+                           j->expert, d->o.max_rows);
         } else if (!(bufs[i] = mm_wire_buf_new(bytes))) {
             rc = mm_errorf(err, errlen, MM_ENOMEM, "dispatch: out of memory for %zu bytes", bytes);
         } else if ((rc = mm_tensor_get(j->x, bufs[i]->data)) != MM_OK) {
@@ -1416,8 +1468,24 @@ static int s_setopt_int(void *s, int opt, int v) { return zmq_setsockopt(s, opt,
 int mm_dispatch_new(const mm_dispatch_options *o, mm_dispatch **out, char *err, size_t errlen) {
     *out = NULL;
     if (!o->bind || o->n_experts < 1 || o->n_experts > MM_CONFIG_MAX_EXPERTS || o->hidden < 1 ||
-        !o->fingerprints || o->heartbeat_ms < 1 || o->expert_wait_ms < 0)
+        !o->fingerprints || o->heartbeat_ms < 1 || o->expert_wait_ms < 0 ||
+        o->insecure_warn_ms < 1 || o->refusal_log_ms < 1)
         return mm_errorf(err, errlen, MM_EINVAL, "dispatch: incomplete options");
+    /* Secure by default (docs/ARCHITECTURE.md, "Router <-> expert wire"):
+     * plaintext only when asked for by name. */
+    if (!o->curve_secret && !o->insecure)
+        return mm_errorf(err, errlen, MM_EINVAL,
+                         "no CurveZMQ key for the expert socket: give --curve-secret-key and "
+                         "--curve-allow (medmoe-keygen makes them), or --insecure-experts to "
+                         "accept any expert in plaintext");
+    if (o->curve_secret && (o->insecure || o->n_allow < 1))
+        return mm_errorf(err, errlen, MM_EINVAL,
+                         o->insecure ? "--insecure-experts and a CurveZMQ key do not go together"
+                                     : "a CurveZMQ key needs at least one allowed expert key");
+    int64_t maxmsg;
+    int mrc = mm_wire_max_frame(o->max_rows, (size_t)o->hidden, &maxmsg, err, errlen);
+    if (mrc != MM_OK)
+        return mrc;
     mm_dispatch *d = calloc(1, sizeof *d);
     if (!d)
         return mm_errorf(err, errlen, MM_ENOMEM, "dispatch: out of memory");
@@ -1433,10 +1501,10 @@ int mm_dispatch_new(const mm_dispatch_options *o, mm_dispatch **out, char *err, 
         d->probe_layer[e] = d->probe_moe[e] = -1;
     d->fp = calloc((size_t)o->n_experts, sizeof *d->fp);
     d->allow = calloc(o->n_allow ? o->n_allow : 1, sizeof *d->allow);
-    d->refused = json_array();
+    mm_peer_tally_new(S_TALLY_PEERS, o->refusal_log_ms, &d->tally);
     d->probe_buf = mm_wire_buf_new((size_t)o->hidden * sizeof(float));
     int rc = MM_OK;
-    if (!d->fp || !d->allow || !d->refused || !d->probe_buf) {
+    if (!d->fp || !d->allow || !d->tally || !d->probe_buf) {
         rc = mm_errorf(err, errlen, MM_ENOMEM, "dispatch: out of memory");
         goto fail;
     }
@@ -1471,8 +1539,9 @@ int mm_dispatch_new(const mm_dispatch_options *o, mm_dispatch **out, char *err, 
         goto fail;
     }
     /* Mandatory routing: a send to a vanished peer fails (EHOSTUNREACH)
-     * instead of being dropped silently; a full queue fails with EAGAIN. */
-    int64_t maxmsg = (int64_t)1 << 30;
+     * instead of being dropped silently; a full queue fails with EAGAIN.
+     * ZMQ_MAXMSGSIZE: a frame announced larger than the largest batch
+     * closes the connection before anything is allocated for it. */
     if (s_setopt_int(d->sock, ZMQ_ROUTER_MANDATORY, 1) || s_setopt_int(d->sock, ZMQ_LINGER, 0) ||
         s_setopt_int(d->sock, ZMQ_SNDHWM, o->hwm) || s_setopt_int(d->sock, ZMQ_RCVHWM, o->hwm) ||
         zmq_setsockopt(d->sock, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg)) {
@@ -1494,6 +1563,11 @@ int mm_dispatch_new(const mm_dispatch_options *o, mm_dispatch **out, char *err, 
     }
     size_t len = sizeof d->endpoint;
     zmq_getsockopt(d->sock, ZMQ_LAST_ENDPOINT, d->endpoint, &len);
+    s_log(d, MM_LOG_INFO, "expert socket %s: %s, frames of at most %lld bytes (%zu rows x %d)",
+          d->endpoint, o->curve_secret ? "CurveZMQ, allowed keys only" : "plaintext",
+          (long long)maxmsg, o->max_rows, o->hidden);
+    if (o->insecure)
+        s_warn_insecure(d, s_now(d));
     /* From here on only the thread touches the sockets (pthread_create is the
      * memory barrier ZeroMQ asks for when a socket changes threads). Signals
      * go to the other threads: the caller's waits see EINTR. */
@@ -1537,7 +1611,7 @@ void mm_dispatch_destroy(mm_dispatch **dp) {
         close(d->wake[1]);
     }
     mm_wire_buf_unref(&d->probe_buf);
-    json_decref(d->refused);
+    mm_peer_tally_destroy(&d->tally);
     pthread_cond_destroy(&d->cv);
     pthread_mutex_destroy(&d->mu);
     free(d->reps);
@@ -1583,11 +1657,20 @@ json_t *mm_dispatch_stats(const mm_dispatch *cd) {
         d->rtt_sum / nr, "batch_rtt_us_min", d->rtt_min, "batch_rtt_us_max", d->rtt_max,
         "expert_compute_us_mean", d->compute_sum / nr, "moe_layers", (json_int_t)d->n_layers,
         "layer_dispatch_us_mean", d->layer_sum / nl, "layer_wait_us_mean", d->wait_sum / nl);
-    json_t *st = json_pack("{s:o,s:o,s:I,s:I,s:I,s:I,s:b,s:o}", "replicas", reps, "refused",
-                           json_deep_copy(d->refused), "dropped_messages", (json_int_t)d->dropped,
-                           "resent_batches", (json_int_t)d->resent, "late_results",
-                           (json_int_t)d->late_results, "expired", (json_int_t)d->expired,
-                           "inflight_exact", exact, "dispatch", timing);
+    json_t *refused = json_array();
+    for (size_t i = 0; i < mm_peer_tally_size(d->tally); i++) {
+        const mm_peer_tally_entry *e = mm_peer_tally_at(d->tally, i);
+        if (e)
+            json_array_append_new(refused,
+                                  json_pack("{s:s,s:s,s:s,s:I}", "peer", e->peer, "kind", e->kind,
+                                            "reason", e->detail, "count", (json_int_t)e->total));
+    }
+    json_t *st =
+        json_pack("{s:o,s:o,s:I,s:I,s:I,s:I,s:I,s:b,s:o}", "replicas", reps, "refused", refused,
+                  "refused_total", (json_int_t)mm_peer_tally_events(d->tally), "dropped_messages",
+                  (json_int_t)d->dropped, "resent_batches", (json_int_t)d->resent, "late_results",
+                  (json_int_t)d->late_results, "expired", (json_int_t)d->expired, "inflight_exact",
+                  exact, "dispatch", timing);
     pthread_mutex_unlock(&d->mu);
     return st;
 }

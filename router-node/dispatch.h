@@ -13,6 +13,14 @@
  * rows back into the jobs' tensors. mm_dispatch_live, _stats and
  * _wait_experts may be called from any thread.
  *
+ * Peers that have not authenticated cost no memory per peer or per message:
+ * with CURVE the ZAP handler refuses unlisted keys before any message gets
+ * through; refused Hellos, ZAP refusals and malformed messages are counted
+ * in a fixed table (common/peer_tally.h) and logged once per peer address
+ * and kind per refusal_log_ms, with a count; ZMQ_MAXMSGSIZE (the largest
+ * legitimate batch, mm_wire_max_frame) makes ZeroMQ drop a connection that
+ * announces a larger frame before allocating it.
+ *
  * Every wait has a deadline, and one replica's fault costs a re-send, not a
  * step:
  *   - a batch sent to a replica must be answered within a timeout derived
@@ -72,8 +80,17 @@ typedef struct mm_dispatch_options {
     const mm_config *cfg; /* layer / MoE indices of Work and Result are checked      */
     const char (*fingerprints)[MM_FINGERPRINT_HEX]; /* [n_experts] expected per expert   */
     const char *curve_secret;       /* Z85 secret key (40 chars): CURVE server; NULL: plain     */
-    const char *const *curve_allow; /* [n_allow] Z85 public keys ZAP accepts             */
+    const char *const *curve_allow; /* [n_allow] Z85 public keys ZAP accepts (>= 1)      */
     size_t n_allow;
+    int insecure;                /* 1: no curve_secret, plaintext accepted on purpose
+                                    (--insecure-experts); without a key and without it,
+                                    mm_dispatch_new refuses to start                      */
+    int insecure_warn_ms;        /* insecure: the WARNING is repeated this often (60000)   */
+    int refusal_log_ms;          /* refused / malformed peers: one log line per peer and
+                                    kind per this many ms, with a count (10000)           */
+    size_t max_rows;             /* rows of one batch at most (the scheduler's rows per
+                                    step; default 512, at most MM_WIRE_MAX_ROWS): sets
+                                    ZMQ_MAXMSGSIZE (mm_wire_max_frame)                   */
     int hwm;                     /* send/receive high-water mark, messages (default 1000)    */
     volatile sig_atomic_t *stop; /* set by a signal: waits end with MM_ERR (may be NULL)  */
     mm_clock clock;              /* time of the timeouts ({0}: mm_now_ms; deadlines in
@@ -126,7 +143,9 @@ void mm_dispatch_runner(mm_dispatch *d, mm_expert_runner *r);
  *    "probing"), batches, rows (answers used), sent (case batches sent),
  *    timeouts, errors (error answers), late (answers after the batch was
  *    settled), quarantines, probes, inflight, inflight_rows, rtt_est_ms}],
- *  "refused": [{reason, expert?, node?}], "dropped_messages": n (malformed,
+ *  "refused": [{peer, kind, reason (the latest), count}] (at most 64 entries:
+ *  refusals are tallied per peer address and kind, never listed one by one),
+ *  "refused_total": n, "dropped_messages": n (malformed,
  *  unexpected, unknown), "resent_batches": n (sends after a batch's first),
  *  "late_results": n, "expired": n, "inflight_exact": bool (each replica's
  *  in-flight counts equal its open sends), "dispatch": {batches,

@@ -80,6 +80,11 @@ static void usage(FILE *f) {
             "                          id (sets MEDMOE_VK_DEVICE; default: first discrete GPU)\n"
             "  --curve-secret-key F    CurveZMQ: this router's secret key (medmoe-keygen)\n"
             "  --curve-allow F         public keys of allowed experts (repeatable; one per line)\n"
+            "  --insecure-experts      no CurveZMQ: accept any expert in plaintext (one\n"
+            "                          machine's loopback, tests). One of this or the two\n"
+            "                          --curve-* options is required; logged as a WARNING at\n"
+            "                          start and every 60 s\n"
+            "  --insecure-warn-ms MS   tests: repeat that WARNING every MS (default 60000)\n"
             "  --stats-file F          on exit, write replica statistics as JSON\n"
             "  --metrics-listen ADDR   serve Prometheus /metrics and /healthz on ADDR\n"
             "                          (HOST:PORT, e.g. 0.0.0.0:9090; port 0 picks one)\n"
@@ -135,6 +140,7 @@ typedef struct router_args {
     const char *allow_files[MAX_ALLOW];
     size_t n_allow_files;
     int wait_experts, expert_wait_ms, batch_timeout_ms, heartbeat_ms, serve;
+    int insecure_experts, insecure_warn_ms;
     unsigned fp_flags;
     /* gRPC front door */
     const char *grpc_listen, *grpc_port_file, *tenants, *audit_log, *audit_salt;
@@ -180,7 +186,9 @@ enum {
     O_IMAGE_WORKERS,
     O_PIXEL_BUDGET,
     O_DEBUG_VISION_DELAY,
-    O_JPEG_DOWNSCALE
+    O_JPEG_DOWNSCALE,
+    O_INSECURE_EXPERTS,
+    O_INSECURE_WARN_MS
 };
 
 static int parse_args(int argc, char **argv, router_args *a) {
@@ -230,6 +238,8 @@ static int parse_args(int argc, char **argv, router_args *a) {
         {"pixel-budget", required_argument, 0, O_PIXEL_BUDGET},
         {"debug-vision-delay-ms", required_argument, 0, O_DEBUG_VISION_DELAY},
         {"jpeg-downscale", no_argument, 0, O_JPEG_DOWNSCALE},
+        {"insecure-experts", no_argument, 0, O_INSECURE_EXPERTS},
+        {"insecure-warn-ms", required_argument, 0, O_INSECURE_WARN_MS},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     memset(a, 0, sizeof *a);
@@ -352,6 +362,10 @@ static int parse_args(int argc, char **argv, router_args *a) {
             rc = mm_arg_int("medmoe-router", "--pixel-budget", optarg, 1, &a->pixel_budget);
             break;
         case O_JPEG_DOWNSCALE: a->jpeg_downscale = 1; break;
+        case O_INSECURE_EXPERTS: a->insecure_experts = 1; break;
+        case O_INSECURE_WARN_MS:
+            rc = mm_arg_int("medmoe-router", "--insecure-warn-ms", optarg, 1, &a->insecure_warn_ms);
+            break;
         case O_DEBUG_VISION_DELAY:
             rc = mm_arg_int("medmoe-router", "--debug-vision-delay-ms", optarg, 0,
                             &a->debug_vision_delay_ms);
@@ -376,6 +390,17 @@ static int parse_args(int argc, char **argv, router_args *a) {
     }
     if (!a->curve_secret != !a->n_allow_files) {
         fprintf(stderr, "medmoe-router: --curve-secret-key and --curve-allow go together\n");
+        return 2;
+    }
+    if (!a->curve_secret && !a->insecure_experts) {
+        fprintf(stderr, "medmoe-router: the expert socket needs CurveZMQ keys "
+                        "(--curve-secret-key F --curve-allow F; medmoe-keygen makes them) or, "
+                        "to accept any expert in plaintext, --insecure-experts\n");
+        return 2;
+    }
+    if (a->curve_secret && a->insecure_experts) {
+        fprintf(stderr, "medmoe-router: --insecure-experts and --curve-secret-key do not go "
+                        "together\n");
         return 2;
     }
     if (a->grpc_listen) {
@@ -414,6 +439,8 @@ static void s_options(const router_args *a, mm_router_options *o) {
     o->curve_secret = a->curve_secret;
     o->curve_allow = a->allow_files;
     o->n_curve_allow = a->n_allow_files;
+    o->insecure_experts = a->insecure_experts;
+    o->insecure_warn_ms = a->insecure_warn_ms;
     o->stats_file = a->stats_file;
     o->cases = a->cases;
     o->serve = a->serve;

@@ -534,6 +534,12 @@ static int s_check_config(mm_router *r, char *err, size_t errlen) {
         if (r->audit && (rc = mm_audit_set_salt(r->audit, o->audit_salt, err, errlen)) != MM_OK)
             return MM_EINVAL;
     }
+    if (!o->curve_secret == !o->insecure_experts)
+        return mm_errorf(err, errlen, MM_EINVAL,
+                         o->curve_secret
+                             ? "--insecure-experts and a CurveZMQ key do not go together"
+                             : "the expert socket needs CurveZMQ keys (--curve-secret-key, "
+                               "--curve-allow) or --insecure-experts");
     if (o->curve_secret) {
         size_t n = 0;
         char secret[1][41];
@@ -635,11 +641,32 @@ static int s_load_model(mm_router *r, char *err, size_t errlen) {
     return MM_OK;
 }
 
+/* The scheduler's options: its rows per forward step also bound the rows of
+ * one expert batch (a step's rows split over the experts), hence the expert
+ * socket's ZMQ_MAXMSGSIZE. */
+static void s_sched_options(const mm_router *r, mm_sched_options *so) {
+    mm_sched_options_default(so);
+    size_t slots = (size_t)mm_model_n_slots(r->m);
+    if (so->max_step_rows < slots)
+        so->max_step_rows = slots;
+    so->image_workers = r->o.image_workers;
+    if (r->o.pixel_budget)
+        so->pixel_budget = r->o.pixel_budget;
+    so->debug_vision_delay_ms = r->o.debug_vision_delay_ms;
+    so->jpeg_downscale = r->o.jpeg_downscale;
+}
+
 static int s_start_dispatch(mm_router *r, char *err, size_t errlen) {
     const mm_router_options *o = &r->o;
     int rc;
+    mm_sched_options so;
+    s_sched_options(r, &so);
     mm_dispatch_options dopt;
     mm_dispatch_options_default(&dopt);
+    dopt.max_rows = so.max_step_rows;
+    dopt.insecure = o->insecure_experts;
+    if (o->insecure_warn_ms > 0)
+        dopt.insecure_warn_ms = o->insecure_warn_ms;
     dopt.bind = o->bind;
     dopt.heartbeat_ms = o->heartbeat_ms;
     dopt.expert_wait_ms = o->expert_wait_ms;
@@ -674,15 +701,7 @@ static int s_start_dispatch(mm_router *r, char *err, size_t errlen) {
 static int s_start_engine(mm_router *r, char *err, size_t errlen) {
     int rc;
     mm_sched_options so;
-    mm_sched_options_default(&so);
-    size_t slots = (size_t)mm_model_n_slots(r->m);
-    if (so.max_step_rows < slots)
-        so.max_step_rows = slots;
-    so.image_workers = r->o.image_workers;
-    if (r->o.pixel_budget)
-        so.pixel_budget = r->o.pixel_budget;
-    so.debug_vision_delay_ms = r->o.debug_vision_delay_ms;
-    so.jpeg_downscale = r->o.jpeg_downscale;
+    s_sched_options(r, &so);
     if ((rc = mm_sched_new(r->m, r->tok, &so, &r->sched, err, errlen)) != MM_OK)
         return rc;
     if ((rc = mm_sched_start(r->sched, err, errlen)) != MM_OK)

@@ -51,9 +51,13 @@ typedef struct mm_router_options {
     int expert_wait_ms;             /* a step waits this long for a replica (5000)      */
     int batch_timeout_ms;           /* unanswered batch -> replica dropped (60000)      */
     int heartbeat_ms;               /* heartbeat interval (1000)                        */
-    const char *curve_secret;       /* CurveZMQ secret key file; NULL: plaintext        */
+    const char *curve_secret;       /* CurveZMQ secret key file; NULL: plaintext, only
+                                       with insecure_experts                            */
     const char *const *curve_allow; /* [n_curve_allow] files of allowed expert keys    */
     size_t n_curve_allow;
+    int insecure_experts;   /* 1: plaintext expert socket on purpose (logged as
+                               a WARNING at start and every insecure_warn_ms)   */
+    int insecure_warn_ms;   /* 0: the default (60000)                           */
     const char *stats_file; /* on exit, replica statistics as JSON; NULL: no   */
     /* cases as JSON lines (not with grpc_listen) */
     const char *cases; /* a file, or "-" for stdin; NULL: none           */

@@ -51,6 +51,26 @@ if(TARGET medmoe-router AND TARGET medmoe-expert AND TARGET medmoe-run)
                          TIMEOUT ${timeout} LABELS "distributed")
   endforeach()
 
+  # Hostile peers on the expert socket (tests/distributed/hostile_test.py): intruders with the
+  # right fingerprint but no / an unknown CurveZMQ key never join (16 cases exact); a Hello flood
+  # and 512 MiB frames on a plaintext router, router RSS before / peak / after and log bytes held
+  # under the limits the driver states.
+  foreach(spec "intruder|90" "hello_flood|120" "big_frame|90")
+    string(REPLACE "|" ";" spec "${spec}")
+    list(GET spec 0 name)
+    list(GET spec 1 timeout)
+    add_test(NAME dist_hostile_${name}
+             COMMAND ${MM_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/distributed/hostile_test.py
+                     --scenario ${name}
+                     --router $<TARGET_FILE:medmoe-router> --expert $<TARGET_FILE:medmoe-expert>
+                     --run $<TARGET_FILE:medmoe-run> --model ${MM_TEST_DATA}/tiny-stablelm-f32
+                     --image ${MM_TEST_DATA}/images/case.png
+                     --workdir ${MM_TEST_DATA}/dist/hostile_${name})
+    set_tests_properties(dist_hostile_${name} PROPERTIES
+                         FIXTURES_REQUIRED "tiny_stablelm-f32;tiny_images"
+                         TIMEOUT ${timeout} LABELS "distributed")
+  endforeach()
+
   # The engine thread busy outside any MoE layer for 10 heartbeat intervals (on vulkan the
   # vision tower runs in the step; --debug-vision-delay-ms): no expert hears silence, none
   # reconnects or is dropped, the answer equals medmoe-run's. Exit 77 without a Vulkan device.

@@ -2,8 +2,10 @@
 # launcher + supervisor), the Kubernetes manifests, and multi-host serving across network
 # namespaces. Drivers in
 # tests/orchestration/ (each bounds every wait and stops every process it started):
-#   orch_cluster    up -> status -> a case over gRPC (= medmoe-run) -> kill -9 an expert ->
-#                   supervisor restarts it -> scale 1 -> 2 -> 1 under load (no case fails) -> down
+#   orch_cluster    up (CurveZMQ keys made and used) -> status -> a case over gRPC (= medmoe-run)
+#                   -> kill -9 an expert -> supervisor restarts it -> kill -9 the router -> back on
+#                   the same ports, the same client answered -> scale 1 -> 2 -> 1 under load (no
+#                   case fails) -> down
 #   orch_manifests  `kubectl kustomize` + structural checks of orchestration/kubernetes, the
 #                   Dockerfile and cluster.example.json; flags checked against the programs' --help
 #   orch_devices    per-process Vulkan devices (vk_device keys -> --vk-device per router / expert
@@ -29,7 +31,8 @@ if(TARGET medmoe-router AND TARGET medmoe-expert AND TARGET medmoe-run)
                      --image ${MM_TEST_DATA}/images/case.png)
   add_test(NAME orch_cluster
            COMMAND ${MM_PYTHON} ${MM_ORCH_DIR}/cluster_test.py --cluster ${MM_ORCH_CLUSTER}
-                   ${MM_ORCH_COMMON} --workdir ${MM_TEST_DATA}/orch/cluster)
+                   ${MM_ORCH_COMMON} --keygen $<TARGET_FILE:medmoe-keygen>
+                   --workdir ${MM_TEST_DATA}/orch/cluster)
   add_test(NAME orch_netns
            COMMAND ${MM_PYTHON} ${MM_ORCH_DIR}/netns_test.py ${MM_ORCH_COMMON}
                    --workdir ${MM_TEST_DATA}/orch/netns)

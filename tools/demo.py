@@ -69,6 +69,7 @@ def main():
     os.chmod(os.path.join(run, "status.key"), 0o600)
     cfg = {
         "router_bin": os.path.join(build, "router-node", "medmoe-router"),
+        "keygen_bin": os.path.join(build, "router-node", "medmoe-keygen"),  # CurveZMQ keys at `up`
         "expert_bin": os.path.join(build, "expert-node", "medmoe-expert"),
         "model": model, "vision": os.path.join(model, "clip"), "backend": "cpu", "threads": 1,
         "log_dir": os.path.join(run, "logs"), "state_dir": os.path.join(run, "state"),

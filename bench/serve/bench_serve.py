@@ -279,6 +279,7 @@ class Cluster:
         cfg = {
             "_comment": "written by bench/serve/bench_serve.py",
             "router_bin": a.router, "expert_bin": a.expert, "model": model,
+            "keygen_bin": os.path.join(os.path.dirname(a.router), "medmoe-keygen"),
             "vision": os.path.join(model, "clip"), "backend": "cpu", "threads": a.threads,
             "log_dir": os.path.join(work, "logs"), "state_dir": os.path.join(work, "state"),
             "status_key_file": os.path.join(work, "status.key"), "up_timeout_s": a.up_timeout,

@@ -287,7 +287,7 @@ def sc_garbage(c):
         socks = []
         try:
             def dealer():
-                s = ctx.socket(zmq.DEALER)
+                s = cl.curve.secure(ctx.socket(zmq.DEALER))
                 s.setsockopt(zmq.LINGER, 0)
                 s.setsockopt(zmq.SNDTIMEO, 2000)
                 s.connect(cl.endpoint)
@@ -398,12 +398,7 @@ def sc_garbage(c):
 def _capture_hello(c, cl, pb, k):
     """The Hello a real medmoe-expert for expert k sends (fingerprint included): a real expert
     is pointed at our own ROUTER socket, its first message kept, the expert killed."""
-    import zmq
-    ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.ROUTER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.bind("tcp://127.0.0.1:*")
-    ep = s.getsockopt_string(zmq.LAST_ENDPOINT)
+    s, ep = cl.bare_router()
     e = cl.start_expert(c.a.model, k, endpoint=ep, wait_joined=False, tag="-hello-donor")
     try:
         if not s.poll(15000):
@@ -442,7 +437,7 @@ def sc_rogue(c):
         hello = _capture_hello(c, cl, pb, k)
         hello.node = "rogue:%d" % os.getpid()
         ctx = zmq.Context.instance()
-        sock = ctx.socket(zmq.DEALER)
+        sock = cl.curve.secure(ctx.socket(zmq.DEALER))
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(cl.endpoint)
         hello_bytes = pb.Envelope(hello=hello).SerializeToString()
@@ -1111,11 +1106,7 @@ def sc_expired(c):
         layer0 = json.load(f)["moe"]["moe_layers_idx"][0]
     H = c.hidden
     with c.cluster("expired") as cl:
-        ctx = zmq.Context.instance()
-        s = ctx.socket(zmq.ROUTER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.bind("tcp://127.0.0.1:*")
-        ep = s.getsockopt_string(zmq.LAST_ENDPOINT)
+        s, ep = cl.bare_router()
         e = cl.start_expert(c.a.model, 0, endpoint=ep, wait_joined=False, extra=["--debug-delay-ms", "400"])
         try:
             if not s.poll(20000):

@@ -7,6 +7,11 @@ ports, talks to the router over its --cases stdin / stdout JSON lines (tests/grp
 GrpcCluster builds on this for the gRPC front door), computes the single-process answer with
 medmoe-run, and compares them with tests/reference/compare.py.
 
+CurveZMQ is on by default, as in production: each Cluster makes a router key pair and one
+expert key pair (Curve) and passes them to every router and expert it starts, unless the test
+gives its own --curve-* flags or --insecure-experts. Test peers made of raw ZeroMQ sockets join
+with cl.curve.secure(sock).
+
 Rules every user relies on:
   * every process gets its own process group (start_new_session) and is SIGKILLed at the
     end by Cluster.close() — also on failure (use `with Cluster(...) as cl:`);
@@ -205,16 +210,73 @@ class Router(Proc):
             pass
 
 
-class Cluster:
-    """Owns every process a test starts; `with Cluster(args, workdir) as cl:`."""
+def _write_key(path, key, mode):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
 
-    def __init__(self, bins, workdir, hb_ms=200):
+
+class Curve:
+    """CurveZMQ keys of one test cluster (pyzmq's keypair, the format medmoe-keygen writes):
+    the router's pair and one expert pair that every expert of the cluster shares."""
+
+    def __init__(self, workdir):
+        import zmq
+        self.dir = os.path.join(workdir, "curve")
+        os.makedirs(self.dir, exist_ok=True)
+        self.pairs = {}
+        for name in ("router", "expert"):
+            pub, sec = (k.decode() for k in zmq.curve_keypair())
+            _write_key(self.path(name + ".key"), sec, 0o600)
+            _write_key(self.path(name + ".pub"), pub, 0o644)
+            self.pairs[name] = (pub, sec)
+        _write_key(self.path("experts.allow"), self.pairs["expert"][0], 0o644)
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def router_args(self):
+        return ["--curve-secret-key", self.path("router.key"), "--curve-allow", self.path("experts.allow")]
+
+    def expert_args(self):
+        return ["--curve-server-key", self.path("router.pub"), "--curve-key", self.path("expert.key")]
+
+    def secure(self, sock, pair=None):
+        """Make a pyzmq DEALER a CURVE client of the router: with the cluster's allowed expert
+        key, or with pair=(public, secret) (an unlisted key, say)."""
+        import zmq
+        pub, sec = pair or self.pairs["expert"]
+        sock.setsockopt(zmq.CURVE_SERVERKEY, self.pairs["router"][0].encode())
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, pub.encode() if isinstance(pub, str) else pub)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, sec.encode() if isinstance(sec, str) else sec)
+        return sock
+
+
+def router_security(curve, extra):
+    """The router's CurveZMQ flags: none when extra has its own (or --insecure-experts)."""
+    if any(a in ("--curve-secret-key", "--insecure-experts") for a in extra):
+        return []
+    return curve.router_args() if curve else ["--insecure-experts"]
+
+
+def expert_security(curve, extra):
+    if "--curve-key" in extra or not curve:
+        return []
+    return curve.expert_args()
+
+
+class Cluster:
+    """Owns every process a test starts; `with Cluster(args, workdir) as cl:`.
+    curve=False: routers run with --insecure-experts (the plaintext wire)."""
+
+    def __init__(self, bins, workdir, hb_ms=200, curve=True):
         self.bins = bins  # dict: router, expert, run, keygen
         self.workdir = workdir
         self.hb_ms = hb_ms
         self.procs = []
         self._n = 0
         os.makedirs(workdir, exist_ok=True)
+        self.curve = Curve(workdir) if curve else None
 
     def __enter__(self):
         return self
@@ -272,7 +334,7 @@ class Cluster:
                "--wait-experts", str(wait_experts_ms), "--expert-wait-ms", str(expert_wait_ms)]
         if self.stats_file:
             cmd += ["--stats-file", self.stats_file]
-        cmd += list(extra)
+        cmd += router_security(self.curve, extra) + list(extra)
         r = Router(name, cmd, self.workdir)
         self.procs.append(r)
         self.router = r
@@ -318,11 +380,25 @@ class Cluster:
         except (OSError, json.JSONDecodeError) as e:
             raise TestFailure("router --stats-file %s unreadable: %s" % (self.stats_file, e))
 
+    def bare_router(self):
+        """(socket, endpoint): a pyzmq ROUTER on 127.0.0.1 that this cluster's real experts can
+        connect to — a CURVE server with the cluster's router key when CURVE is on (no ZAP
+        handler: any client key gets in)."""
+        import zmq
+        s = zmq.Context.instance().socket(zmq.ROUTER)
+        s.setsockopt(zmq.LINGER, 0)
+        if self.curve:
+            s.setsockopt(zmq.CURVE_SERVER, 1)
+            s.setsockopt(zmq.CURVE_SECRETKEY, self.curve.pairs["router"][1].encode())
+        s.bind("tcp://127.0.0.1:*")
+        return s, s.getsockopt_string(zmq.LAST_ENDPOINT)
+
     # -- experts -------------------------------------------------------------------------
     def start_expert(self, model, k, endpoint=None, extra=(), wait_joined=True, timeout=15, tag=""):
         name = self._name("expert%d%s" % (k, tag))
         cmd = [self.bins["expert"], "--model", model, "--expert", str(k),
-               "--router", endpoint or self.endpoint, "--heartbeat-ms", str(self.hb_ms)] + list(extra)
+               "--router", endpoint or self.endpoint, "--heartbeat-ms", str(self.hb_ms)]
+        cmd += expert_security(self.curve, extra) + list(extra)
         r = getattr(self, "router", None)
         before = len(router_joined_re(k).findall(r.log_text())) if r else 0
         e = Proc(name, cmd, self.workdir)

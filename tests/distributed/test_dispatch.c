@@ -203,6 +203,7 @@ static void s_fake_stop(fake **fp) {
 /* ---- the engine side ------------------------------------------------------ */
 
 typedef struct bench {
+    mm_log *log; /* NULL: stderr */
     mm_backend *be;
     mm_dispatch *d;
     mm_expert_runner r;
@@ -210,8 +211,9 @@ typedef struct bench {
     char fps[2][MM_FINGERPRINT_HEX];
 } bench;
 
-static void s_bench_new(bench *b, int batch_timeout_ms) {
+static void s_bench_new_log(bench *b, int batch_timeout_ms, mm_log *lg, int refusal_log_ms) {
     memset(b, 0, sizeof *b);
+    b->log = lg;
     char err[512];
     if (mm_backend_new("cpu", &b->be, err, sizeof err) != MM_OK) {
         fprintf(stderr, "cpu backend: %s\n", err);
@@ -230,12 +232,20 @@ static void s_bench_new(bench *b, int batch_timeout_ms) {
     o.n_experts = 2;
     o.hidden = H;
     o.fingerprints = (const char(*)[MM_FINGERPRINT_HEX])b->fps;
+    o.insecure = 1; /* the fakes speak plaintext: these tests are about scheduling */
+    o.log = b->log;
+    if (refusal_log_ms)
+        o.refusal_log_ms = refusal_log_ms;
     if (mm_dispatch_new(&o, &b->d, err, sizeof err) != MM_OK) {
         fprintf(stderr, "mm_dispatch_new: %s\n", err);
         exit(1);
     }
     mm_dispatch_runner(b->d, &b->r);
     b->zctx = zmq_ctx_new();
+}
+
+static void s_bench_new(bench *b, int batch_timeout_ms) {
+    s_bench_new_log(b, batch_timeout_ms, NULL, 0);
 }
 
 static void s_bench_destroy(bench *b) {
@@ -525,6 +535,135 @@ static void t_abandoned(void) {
     s_bench_destroy(&b);
 }
 
+/* Without a CurveZMQ key the dispatcher starts only when told it is
+ * insecure on purpose. */
+static void t_secure_default(void) {
+    char fp[MM_FINGERPRINT_HEX] = "";
+    mm_dispatch_options o;
+    mm_dispatch_options_default(&o);
+    o.bind = "tcp://127.0.0.1:*";
+    o.n_experts = 1;
+    o.hidden = H;
+    o.fingerprints = (const char(*)[MM_FINGERPRINT_HEX])fp;
+    mm_dispatch *d = NULL;
+    char err[512] = "";
+    CHECK(mm_dispatch_new(&o, &d, err, sizeof err) == MM_EINVAL && !d, "no key, not insecure");
+    CHECK(strstr(err, "--insecure-experts") != NULL, "the error names the way out: %s", err);
+    o.max_rows = MM_WIRE_MAX_ROWS + 1;
+    o.insecure = 1;
+    CHECK(mm_dispatch_new(&o, &d, err, sizeof err) == MM_EINVAL && !d,
+          "a batch over the wire's rows");
+}
+
+/* Lines of text that contain needle. */
+static int s_count_lines(const char *text, const char *needle) {
+    int n = 0;
+    for (const char *p = text; p && *p;) {
+        const char *nl = strchr(p, '\n');
+        size_t len = nl ? (size_t)(nl - p) : strlen(p);
+        char line[1024];
+        snprintf(line, sizeof line, "%.*s", (int)(len < sizeof line - 1 ? len : sizeof line - 1),
+                 p);
+        n += strstr(line, needle) != NULL;
+        p = nl ? nl + 1 : NULL;
+    }
+    return n;
+}
+
+/* A flood of Hellos with a wrong fingerprint, on one connection and on many
+ * (no peer of it ever authenticates): every one is refused and counted, the
+ * router keeps a bounded table (at most 64 entries) and logs one line per
+ * peer and kind per interval (200 ms here), not one per Hello. */
+static void t_refusal_flood(void) {
+    char *text = NULL;
+    size_t text_len = 0;
+    FILE *mem = open_memstream(&text, &text_len);
+    mm_log *lg = NULL;
+    mm_log_new("test_dispatch", mem, MM_LOG_TEXT, MM_LOG_INFO, &lg);
+    bench b;
+    s_bench_new_log(&b, 60000, lg, 200);
+    const char *ep = mm_dispatch_endpoint(b.d);
+    char fp[MM_FINGERPRINT_HEX];
+    memset(fp, 'b', sizeof fp - 1); /* the bench expects 'a...' */
+    fp[sizeof fp - 1] = 0;
+    Medmoe__Wire__Hello h = MEDMOE__WIRE__HELLO__INIT;
+    h.version = MM_WIRE_VERSION;
+    h.expert = 0;
+    h.fingerprint = fp;
+    h.backend = "intruder";
+    Medmoe__Wire__Envelope env = MEDMOE__WIRE__ENVELOPE__INIT;
+    env.body_case = MM_WIRE_HELLO;
+    env.hello = &h;
+    char err[256], node[64];
+    int zero = 0, sent = 0;
+    const int n_conns = 40, per_conn = 20, flood = 20000;
+    double t0 = mm_now_ms();
+    for (int c = 0; c < n_conns; c++) { /* many connections, new node names */
+        void *s = zmq_socket(b.zctx, ZMQ_DEALER);
+        int linger = 5000; /* deliver the Hellos, then close */
+        zmq_setsockopt(s, ZMQ_LINGER, &linger, sizeof linger);
+        zmq_connect(s, ep);
+        snprintf(node, sizeof node, "intruder:%d", c);
+        h.node = node;
+        for (int i = 0; i < per_conn; i++)
+            sent += mm_wire_send(s, NULL, 0, &env, NULL, err, sizeof err) == MM_OK;
+        zmq_close(s);
+    }
+    void *s = zmq_socket(b.zctx, ZMQ_DEALER); /* one connection, many Hellos */
+    int hwm = 0;
+    zmq_setsockopt(s, ZMQ_LINGER, &zero, sizeof zero);
+    zmq_setsockopt(s, ZMQ_SNDHWM, &hwm, sizeof hwm);
+    zmq_connect(s, ep);
+    h.node = "intruder:flood";
+    for (int i = 0; i < flood; i++)
+        sent += mm_wire_send(s, NULL, 0, &env, NULL, err, sizeof err) == MM_OK;
+    json_int_t total = 0;
+    json_t *st = NULL;
+    double end = mm_now_ms() + 20000;
+    while (mm_now_ms() < end) {
+        json_decref(st);
+        st = mm_dispatch_stats(b.d);
+        total = json_integer_value(json_object_get(st, "refused_total"));
+        if (total >= sent)
+            break;
+        s_sleep_ms(20);
+        zmq_msg_t m; /* read the Refuse replies: the peer's queue stays short */
+        zmq_msg_init(&m);
+        while (zmq_msg_recv(&m, s, ZMQ_DONTWAIT) >= 0) {
+        }
+        zmq_msg_close(&m);
+    }
+    double span = mm_now_ms() - t0;
+    s_sleep_ms(450); /* the last interval's summary */
+    json_t *refused = json_object_get(st, "refused");
+    CHECK(total == sent, "refused_total %lld, Hellos sent %d", (long long)total, sent);
+    CHECK(json_array_size(refused) <= 64, "%zu tally entries", json_array_size(refused));
+    CHECK(json_array_size(json_object_get(st, "replicas")) == 0, "an intruder joined");
+    json_t *e0 = json_array_get(refused, 0);
+    CHECK(e0 && json_integer_value(json_object_get(e0, "count")) == sent &&
+              !strcmp(json_string_value(json_object_get(e0, "kind")), "fingerprint"),
+          "one entry (127.0.0.1, fingerprint) counts them all");
+    json_decref(st);
+    zmq_close(s);
+    s_bench_destroy(&b);
+    mm_log_destroy(&lg);
+    fclose(mem);
+    int first = s_count_lines(text, "model fingerprint mismatch");
+    int summaries = s_count_lines(text, "more fingerprint event(s) from 127.0.0.1");
+    /* per 200 ms interval at most two lines: the summary of the interval
+     * before and, after a quiet interval, the first refusal at once (+2:
+     * the intervals cut at either end) */
+    int most = 2 * ((int)(span / 200) + 2);
+    CHECK(first + summaries <= most && summaries >= 1,
+          "%d refusal lines (%d summaries) for %d Hellos in %.0f ms, want <= %d", first + summaries,
+          summaries, sent, span, most);
+    int lines = s_count_lines(text, "");
+    CHECK(lines <= most + 4, "%d log lines in all for %d Hellos", lines, sent);
+    printf("     %d Hellos refused in %.0f ms: %d log lines, %zu bytes of log\n", sent, span,
+           first + summaries, text_len);
+    free(text);
+}
+
 int main(void) {
     setvbuf(stdout, NULL, _IONBF, 0);
     struct {
@@ -534,7 +673,9 @@ int main(void) {
              {"silent", t_silent},
              {"errors", t_errors},
              {"expired", t_expired},
-             {"abandoned", t_abandoned}};
+             {"abandoned", t_abandoned},
+             {"secure_default", t_secure_default},
+             {"refusal_flood", t_refusal_flood}};
     for (size_t i = 0; i < sizeof t / sizeof *t; i++) {
         int before = g_failures;
         double t0 = mm_now_ms();

@@ -73,8 +73,8 @@ def expect_code(fn, code, what, field=None, timeout_note=""):
 
 
 class GrpcCluster(D.Cluster):
-    def __init__(self, bins, workdir, hb_ms=200):
-        super().__init__(bins, workdir, hb_ms)
+    def __init__(self, bins, workdir, hb_ms=200, curve=True):
+        super().__init__(bins, workdir, hb_ms, curve)
         self.tenants = []
         self.target = None
         self.stub_dir = os.path.join(workdir, "py-stubs")
@@ -112,7 +112,7 @@ class GrpcCluster(D.Cluster):
             cmd += ["--tls-cert", tls["cert"], "--tls-key", tls["key"]]
             if tls.get("client_ca"):
                 cmd += ["--tls-client-ca", tls["client_ca"]]
-        cmd += list(router_extra)
+        cmd += D.router_security(self.curve, router_extra) + list(router_extra)
         r = D.Proc(name, cmd, self.workdir, stdin=subprocess.DEVNULL)
         self.procs.append(r)
         self.router = r

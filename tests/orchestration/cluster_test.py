@@ -175,17 +175,50 @@ class Load:
                 raise Fail("a load client did not finish its case within %d s" % timeout)
 
 
+def check_secure(st, wd):
+    """CurveZMQ on by default: the router runs with the keys `up` made (secret keys 0600 in a
+    0700 dir), never --insecure-experts, every expert with its own key."""
+    curve = os.path.join(wd, "state", "curve")
+    mode = os.stat(curve).st_mode & 0o777
+    if mode != 0o700:
+        raise Fail("%s has mode %o, want 700" % (curve, mode))
+    for n in sorted(os.listdir(curve)):
+        m = os.stat(os.path.join(curve, n)).st_mode & 0o777
+        if n.endswith(".key") and m != 0o600:
+            raise Fail("%s/%s has mode %o, want 600" % (curve, n, m))
+    with open(os.path.join(curve, "experts.allow")) as f:
+        allowed = [x for x in f.read().split() if x]
+    if len(allowed) != 4 or len(set(allowed)) != 4:
+        raise Fail("experts.allow lists %d keys (%d distinct), want one per expert: 4" % (len(allowed), len(set(allowed))))
+    for p in st["processes"]:
+        with open("/proc/%d/cmdline" % p["pid"], "rb") as f:
+            argv = f.read().decode().split("\0")
+        if p["name"] == "router":
+            if "--insecure-experts" in argv or "--curve-secret-key" not in argv or "--curve-allow" not in argv:
+                raise Fail("router runs without CurveZMQ: %s" % " ".join(argv))
+        elif "--curve-key" not in argv or "--curve-server-key" not in argv:
+            raise Fail("%s runs without CurveZMQ: %s" % (p["name"], " ".join(argv)))
+        elif argv[argv.index("--curve-key") + 1] != os.path.join(curve, "expert-%d.key" % p["expert"]):
+            raise Fail("%s does not use expert %d's key: %s" % (p["name"], p["expert"], " ".join(argv)))
+    with open(os.path.join(wd, "logs", "router.log"), errors="replace") as f:
+        text = f.read()
+    if "CurveZMQ, allowed keys only" not in text or "insecure" in text.lower():
+        raise Fail("router log does not show a CurveZMQ expert socket:\n%s" % tail(os.path.join(wd, "logs", "router.log")))
+    log("CurveZMQ on: router and %d experts use the keys made at up (0600 in a 0700 dir)" % (len(st["processes"]) - 1))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cluster", required=True)
     ap.add_argument("--router", required=True)
     ap.add_argument("--expert", required=True)
+    ap.add_argument("--keygen", required=True)
     ap.add_argument("--run", required=True)
     ap.add_argument("--model", required=True)
     ap.add_argument("--image", required=True)
     ap.add_argument("--workdir", required=True)
     a = ap.parse_args()
-    for k in ("cluster", "router", "expert", "run", "model", "image", "workdir"):
+    for k in ("cluster", "router", "expert", "keygen", "run", "model", "image", "workdir"):
         setattr(a, k, os.path.abspath(getattr(a, k)))
 
     try:
@@ -205,7 +238,7 @@ def main():
         json.dump({"tenants": [{"id": "ops", "key_sha256": hashlib.sha256(key.encode()).hexdigest(),
                                 "max_concurrent": 8, "cases_per_minute": 100000}]}, f)
     cfg = {
-        "router_bin": a.router, "expert_bin": a.expert, "model": a.model,
+        "router_bin": a.router, "expert_bin": a.expert, "keygen_bin": a.keygen, "model": a.model,
         "log_dir": "logs", "state_dir": "state", "status_key_file": "status.key", "threads": 1,
         "up_timeout_s": 60,
         "router": {"experts_bind": "tcp://127.0.0.1:*", "grpc_listen": "127.0.0.1:0",
@@ -243,6 +276,7 @@ def main():
         if view["source"] != "metrics" or view["health"] != "SERVING" or view["live"] != [1, 1, 1, 1]:
             raise Fail("router's view after up: %s" % view)
         log("status: %s; router's view %s" % (names, view))
+        check_secure(st, wd)
 
         target = st["grpc"]
         stubs = os.path.join(wd, "py-stubs")
@@ -278,6 +312,46 @@ def main():
             % (victim, got["procs"][0]["pid"], got["procs"][0]["restarts"], got["view"]["live"]))
         ask(c, "after-kill")
         log("case answered after the restart")
+
+        # -- kill -9 the router: the supervisor restarts it on the same ports (chosen once at up),
+        # the experts rejoin, and the client's channel to the same address is answered again
+        st = cl.status()
+        state_path = os.path.join(wd, "state", "state.json")
+        with open(state_path) as f:
+            before = json.load(f)
+        old_router = st["processes"][0]
+        os.kill(old_router["pid"], signal.SIGKILL)
+        log("kill -9 the router (pid %d); gRPC %s, experts %s, metrics port %s"
+            % (old_router["pid"], st["grpc"], st["endpoint"], before["metrics_port"]))
+
+        def router_back():
+            s2 = cl.status()
+            r = s2["processes"][0] if s2["processes"] else {}
+            ok = (r.get("alive") and r.get("pid") != old_router["pid"] and s2["grpc"]
+                  and s2["router_view"]["live"] == [1, 1, 1, 1] and s2["router_view"]["health"] == "SERVING")
+            return ok, s2
+        s2 = wait_for("supervisor restarts the router", router_back, 40, cl)
+        with open(state_path) as f:
+            after = json.load(f)
+        moved = [(k, before[k], after[k]) for k in ("grpc_port", "metrics_port", "endpoint") if before[k] != after[k]]
+        if moved or s2["grpc"] != target:
+            raise Fail("the restarted router moved: %s (gRPC %s -> %s)" % (moved, target, s2["grpc"]))
+        log("router restarted as pid %d on the same ports (gRPC %s, metrics %s, experts %s)"
+            % (s2["processes"][0]["pid"], s2["grpc"], after["metrics_port"], after["endpoint"]))
+        # the client's channel may still be in its reconnect back-off: it retries UNAVAILABLE,
+        # as a gRPC client does, at the same address
+        import grpc
+        t_retry = time.monotonic() + 20
+        while True:
+            try:
+                ask(c, "after-router-restart")
+                break
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > t_retry:
+                    raise Fail("the same client after the router's restart: %s: %s" % (e.code(), e.details()))
+                time.sleep(0.2)
+        log("case answered through the same client (same address) after the router's restart")
+        check_secure(s2, wd)
 
         # -- scale 1 -> 2 -> 1 while two clients keep asking
         load = Load(client, ask, n_threads=2)

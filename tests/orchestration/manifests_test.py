@@ -200,6 +200,10 @@ def check(docs, bins):
                 eb = fv.get("--experts-bind", [None])[0]
                 if not eb or int(eb.rsplit(":", 1)[1]) != ports.get("experts"):
                     err("%s: --experts-bind %s vs container port experts %s" % (cname, eb, ports.get("experts")))
+                # secure by default: keys from the mounted Secret, never the plaintext wire
+                if "--insecure-experts" in fv or "--curve-secret-key" not in fv or "--curve-allow" not in fv:
+                    err("%s: the router must use CurveZMQ (--curve-secret-key, --curve-allow), not "
+                        "--insecure-experts" % cname)
 
     # Services: selector = some Deployment's pods; targetPorts are named container ports there
     svc = by.get(("Service", "medmoe-router"))

@@ -181,11 +181,13 @@ def main():
         tenants = os.path.join(a.workdir, "tenants.json")
         with open(tenants, "w") as f:
             json.dump({"tenants": [tenant.entry()]}, f)
+        curve = D.Curve(a.workdir)  # across hosts CURVE is the rule
         router = D.Proc("router", net.exec_prefix("r") + [
             a.router, "--model", a.model, "--vision", os.path.join(a.model, "clip"),
             "--experts-bind", "tcp://0.0.0.0:%d" % port, "--endpoint-file", endpoint_file,
             "--grpc-listen", "0.0.0.0:0", "--grpc-port-file", grpc_port_file, "--tenants", tenants,
-            "--heartbeat-ms", "200", "--expert-wait-ms", "10000"], a.workdir, stdin=subprocess.DEVNULL)
+            "--heartbeat-ms", "200", "--expert-wait-ms", "10000"] + curve.router_args(), a.workdir,
+            stdin=subprocess.DEVNULL)
         procs.append(router)
         deadline = time.monotonic() + 20
         while not (os.path.exists(endpoint_file) and os.path.exists(grpc_port_file)):
@@ -199,7 +201,8 @@ def main():
         for k, (nsk, link) in placement.items():
             ep = "tcp://%s:%d" % (net.addr(link, 1), port)
             e = D.Proc("expert%d-ns%s" % (k, nsk.upper()), net.exec_prefix(nsk) + [
-                a.expert, "--model", a.model, "--expert", str(k), "--router", ep, "--heartbeat-ms", "200"],
+                a.expert, "--model", a.model, "--expert", str(k), "--router", ep, "--heartbeat-ms", "200"]
+                + curve.expert_args(),
                 a.workdir)
             procs.append(e)
             log("expert %d in ns %s -> %s" % (k, nsk.upper(), ep))

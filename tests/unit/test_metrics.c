@@ -4,6 +4,7 @@
  * several threads while scraping, and both log formats. */
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -17,6 +18,7 @@
 
 #include <cmocka.h>
 
+#include "clock.h"
 #include "log.h"
 #include "metrics.h"
 #include "status.h"
@@ -127,15 +129,30 @@ static void test_errors(void **state) {
 
 /* ---- HTTP ---------------------------------------------------------------- */
 
-/* Sends req raw to 127.0.0.1:port, returns the whole answer (malloc'd). */
-static char *s_http(int port, const char *req) {
+/* A TCP connection to 127.0.0.1:port from the local address src (another
+ * loopback address is another client to the server), or -1. */
+static int s_connect_from(const char *src, int port) {
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     assert_true(fd >= 0);
     struct timeval tv = {.tv_sec = 5};
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    struct sockaddr_in me = {.sin_family = AF_INET};
+    assert_int_equal(inet_pton(AF_INET, src, &me.sin_addr), 1);
+    assert_int_equal(bind(fd, (struct sockaddr *)&me, sizeof me), 0);
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
     sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    assert_int_equal(connect(fd, (struct sockaddr *)&sa, sizeof sa), 0);
+    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) != 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+/* Sends req raw to 127.0.0.1:port from src, returns the whole answer
+ * (malloc'd; "" when the server closed the connection unanswered). */
+static char *s_http_from(const char *src, int port, const char *req) {
+    int fd = s_connect_from(src, port);
+    assert_true(fd >= 0);
     size_t n = strlen(req);
     assert_int_equal(write(fd, req, n), (ssize_t)n);
     size_t cap = 1 << 16, len = 0;
@@ -156,6 +173,8 @@ static char *s_http(int port, const char *req) {
     close(fd);
     return buf;
 }
+
+static char *s_http(int port, const char *req) { return s_http_from("127.0.0.1", port, req); }
 
 static void s_expect_status(int port, const char *req, const char *status) {
     char *a = s_http(port, req);
@@ -384,11 +403,69 @@ static void test_log(void **state) {
     mm_logf(NULL, MM_LOG_DEBUG, NULL, "a NULL logger writes to stderr (expected in the output)");
 }
 
+/* 48 idle connections from one client (127.0.0.1: it connects, never
+ * sends) do not keep another client (127.0.0.2) from scraping: the server
+ * holds at most MM_METRICS_PER_IP of them and closes the rest at once; the
+ * other client's scrape takes at most its baseline (measured here, before
+ * the idle connections) + 1 s. Before the per-address limit, 32 idle
+ * connections filled the server and scrapes failed for their 10 s. */
+static void test_idle_connections(void **state) {
+    (void)state;
+    mm_metrics *reg = NULL;
+    assert_int_equal(mm_metrics_new(&reg), MM_OK);
+    mm_metric *g = mm_metrics_gauge(reg, "medmoe_test", "A gauge.", NULL);
+    mm_metric_set(g, 1);
+    mm_metrics_server *srv = NULL;
+    char err[256];
+    assert_int_equal(mm_metrics_serve(reg, "127.0.0.1:0", &srv, err, sizeof err), MM_OK);
+    int port = mm_metrics_server_port(srv);
+    static const char get[] = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    double base = 0;
+    for (int i = 0; i < 3; i++) { /* the baseline: the slowest of 3 */
+        double t0 = mm_now_ms();
+        char *a = s_http_from("127.0.0.2", port, get);
+        double dt = mm_now_ms() - t0;
+        assert_non_null(strstr(a, "medmoe_test 1"));
+        free(a);
+        base = dt > base ? dt : base;
+    }
+    enum { IDLE = 48 };
+    int fds[IDLE], open_n = 0;
+    for (int i = 0; i < IDLE; i++)
+        fds[i] = s_connect_from("127.0.0.1", port);
+    /* the connections over the limit are closed by the server: they turn
+     * readable (EOF) at once; the ones it holds stay silent (300 ms here, far
+     * below the server's idle timeout) */
+    struct pollfd pf[IDLE];
+    for (int i = 0; i < IDLE; i++)
+        pf[i] = (struct pollfd){.fd = fds[i], .events = POLLIN};
+    double until = mm_now_ms() + 300;
+    while (mm_now_ms() < until)
+        poll(pf, IDLE, (int)(until - mm_now_ms()) + 1);
+    for (int i = 0; i < IDLE; i++)
+        open_n += fds[i] >= 0 && !(pf[i].revents & (POLLIN | POLLHUP | POLLERR));
+    double t0 = mm_now_ms();
+    char *a = s_http_from("127.0.0.2", port, get);
+    double dt = mm_now_ms() - t0;
+    printf("     idle connections held: %d of %d; scrape beside them %.1f ms (baseline %.1f ms)\n",
+           open_n, IDLE, dt, base);
+    if (!strstr(a, "medmoe_test 1"))
+        fail_msg("scrape beside %d idle connections: got '%.200s'", IDLE, a);
+    free(a);
+    assert_true(dt <= base + 1000);
+    assert_true(open_n <= MM_METRICS_PER_IP);
+    for (int i = 0; i < IDLE; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
+    mm_metrics_server_stop(&srv);
+    mm_metrics_destroy(&reg);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_render_format), cmocka_unit_test(test_errors),
         cmocka_unit_test(test_http),          cmocka_unit_test(test_concurrency),
-        cmocka_unit_test(test_log),
+        cmocka_unit_test(test_log),           cmocka_unit_test(test_idle_connections),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
