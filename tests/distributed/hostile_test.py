@@ -159,7 +159,8 @@ def sc_intruder(c):
     cl2 = G.GrpcCluster(c.bins, os.path.join(c.work, "intruder-control"), hb_ms=T.HB_MS, curve=False)
     cl2.tenant("hospital-a")
     with cl2:
-        cl2.start(c.a.model, experts=0, wait_serving=False, wait_experts_ms=0)
+        cl2.start(c.a.model, experts=0, wait_serving=False, wait_experts_ms=0,
+                  router_extra=["--insecure-warn-ms", "300"])
         s = zmq.Context.instance().socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
         s.connect(cl2.endpoint)
@@ -173,8 +174,11 @@ def sc_intruder(c):
         s.close(0)
         log("control: with --insecure-experts the same Hello is welcomed (as %s): the check above can "
             "see a breach" % env.welcome.replica_id)
-        T._wait_log(cl2.router, r"WARNING: the expert socket \S+ is plaintext \(--insecure-experts\)", 5,
-                    "the WARNING of --insecure-experts")
+        # the WARNING at start and again every --insecure-warn-ms (60 s by default; 300 ms here)
+        warn = r"WARNING: the expert socket \S+ is plaintext \(--insecure-experts\)"
+        first = T._wait_log(cl2.router, warn, 5, "the WARNING of --insecure-experts")
+        again = T._wait_log(cl2.router, warn + r"[^\n]*", 5, "the WARNING repeated", first.end())
+        log("router, repeated: %s" % again.group(0))
 
 
 # -- floods ----------------------------------------------------------------------------------------
