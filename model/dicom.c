@@ -397,6 +397,8 @@ static int s_walk_all(s_walk *w) {
         }
         pos += hdr + len;
     }
+    if (pos == w->n) /* GDCM 3.0.21 aborts (an assert) on a meta group with nothing after it */
+        return s_bad(w, pos, "no data set after the File Meta Information", 0);
     if (pos > meta && !w->ts[0])
         return s_bad(w, meta, "the meta group names no Transfer Syntax UID", 0x00020010u);
     if (strcmp(w->ts, "1.2.840.10008.1.2.1.99") == 0)

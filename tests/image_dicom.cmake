@@ -31,3 +31,10 @@ if(TARGET medmoe-router AND TARGET medmoe-expert AND TARGET medmoe AND TARGET me
   set_tests_properties(dicom_grpc PROPERTIES FIXTURES_REQUIRED "${_mm_dicom_fixtures}"
                        TIMEOUT 180 LABELS "grpc;dicom")
 endif()
+
+# Hostile files found by fuzzing (tests/dicom/regress/): each is refused with a message, never a
+# crash. meta-only.dcm: a File Meta Information group and nothing after it (GDCM 3.0.21 asserts).
+add_test(NAME dicom_regress_meta_only
+         COMMAND $<TARGET_FILE:mm-dicom-dump> ${CMAKE_CURRENT_SOURCE_DIR}/dicom/regress/meta-only.dcm)
+set_tests_properties(dicom_regress_meta_only PROPERTIES TIMEOUT 60 LABELS "image;dicom"
+                     PASS_REGULAR_EXPRESSION "no data set after the File Meta Information")
