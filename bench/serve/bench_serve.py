@@ -86,7 +86,8 @@ def mem_available():
 
 
 def rss_of(pid):
-    """Private (anonymous) resident bytes: the weights widened to f32, the KV cache, buffers.
+    """Private (anonymous) resident bytes: the KV cache, buffers (and weights only when copied:
+    --weights f32 / int8).
     The mmapped checkpoint files (RssFile) are page cache shared between processes and
     reclaimable, so they are left out (VmRSS would count them once per process)."""
     try:
@@ -594,8 +595,8 @@ def main():
         say("medmoe-run, one image case, MEDMOE_THREADS=%d, OMP_WAIT_POLICY=PASSIVE, load excluded "
             "(load %s ms, process wall %.1f s; %d run(s), median shown):"
             % (a.run_threads, ms(base.get("load_ms")), base["wall_s"], len(allb)))
-        say("  prompt %d positions (%d image), %d tokens generated; peak RSS %s (weights widened to f32 + "
-            "1 KV slot + the mmapped files)" % (base.get("prompt_len", 0), base.get("image_len", 0), n_tok,
+        say("  prompt %d positions (%d image), %d tokens generated; peak RSS %s (the mapped "
+            "checkpoint pages it touched + 1 KV slot + buffers)" % (base.get("prompt_len", 0), base.get("image_len", 0), n_tok,
                                                gib(base.get("peak_rss"))))
         say("  vision %s ms | prefill %s ms | first token (vision+prefill) %s ms | decode %s ms/token = %s tok/s"
             % (ms(base["vision_ms"]), ms(base["prefill_ms"]), ms(b_ttft), ms(b_dec),
