@@ -1,6 +1,10 @@
 /* dicom.c — DICOM header interpretation and the display pipeline (modality
  * LUT, VOI LUT, photometric interpretations, frames) in C; GDCM parses and
- * decompresses behind dicom_gdcm.h. See dicom.h for the pipeline. */
+ * decompresses behind dicom_gdcm.h. See dicom.h for the pipeline.
+ *
+ * One file (over 900 lines): the structure walk that guards GDCM, the
+ * header reading and the pipeline share one parsed-header struct and the
+ * walk's fragment table; split, that state would cross file boundaries. */
 #include "dicom.h"
 
 #include "dicom_gdcm.h"

@@ -4,6 +4,9 @@
  *
  * Files are written at test time into a scratch directory (argv[1], else a
  * mkdtemp under /tmp). Plain C: returns nonzero when any check fails.
+ *
+ * One file (over 900 lines) because every case shares the writers of valid
+ * and broken files at the top; split, each part would repeat them.
  */
 #include <dirent.h>
 #include <jansson.h>

@@ -16,6 +16,9 @@
  * On cpu every op and dtype must be computed. Another backend may answer
  * MM_EUNSUPPORTED for a tensor dtype it does not store (e.g. a bf16 table
  * on a backend whose weight dtype is f16); that is printed as a note.
+ *
+ * One file (over 900 lines): one program per backend run, so every op's test
+ * shares the tensor helpers and the reference comparisons above them.
  */
 #include <float.h>
 #include <math.h>
