@@ -486,10 +486,10 @@ def main():
                     help="router --slots (0 = auto: what MemAvailable leaves after the weights, <= max concurrency)")
     ap.add_argument("--context", type=int, default=1024,
                     help="router --context: positions per KV-cache slot (0 = the model's max_pos)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="MEDMOE_THREADS of every cluster process (default 1, medmoe-cluster's: at full "
-                         "size on 2 cores, 1 decoded at 325 ms/token vs 570 with 2 — five processes "
-                         "with 2 OpenMP threads each oversubscribe the cores)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="MEDMOE_THREADS of every cluster process (default 0: unset, every core, as "
+                         "medmoe-cluster; idle threads sleep: at full size on 2 cores, 2 threads "
+                         "decoded at 351 ms/token vs 387 with 1)")
     ap.add_argument("--run-threads", type=int, default=2, help="MEDMOE_THREADS of the medmoe-run baseline")
     ap.add_argument("--run-reps", type=int, default=1, help="medmoe-run repetitions (median shown)")
     ap.add_argument("--small-reps", type=int, default=3, help="text-only cases alone (median shown)")
