@@ -54,8 +54,7 @@ int mm_cpu_isa_supported(mm_cpu_isa isa) {
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && s_has_f16c();
     case MM_ISA_AVX512:
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") &&
-               s_has_f16c();
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") && s_has_f16c();
 #endif
     default: return 0;
     }
@@ -239,13 +238,24 @@ S_K512Q(s_512_q8_4, 4)
 /* ---- AVX2 + FMA + F16C (16 registers: at most 2 rows of x per block) ----- */
 #define S_T256 __attribute__((target("avx2,fma,f16c")))
 
-S_T256 static inline __m256 s_l256_f32(const void *p) { return _mm256_loadu_ps(p); }
-S_T256 static inline __m256 s_l256_f16(const void *p) {
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+/* Loaders: 8 weights of a row from k on as f32 (kp: q8's padded length,
+ * where its scales start; unused by the others). */
+S_T256 static inline __m256 s_l256_f32(const char *row, size_t k, size_t kp) {
+    return _mm256_loadu_ps((const float *)row + k);
 }
-S_T256 static inline __m256 s_l256_bf16(const void *p) {
-    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+S_T256 static inline __m256 s_l256_f16(const char *row, size_t k, size_t kp) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * k)));
+}
+S_T256 static inline __m256 s_l256_bf16(const char *row, size_t k, size_t kp) {
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(row + 2 * k)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+/* q8: the block's scale applied per load. */
+S_T256 static inline __m256 s_l256_q8(const char *row, size_t k, size_t kp) {
+    float sc;
+    memcpy(&sc, row + kp + k / MM_Q8_BLOCK * sizeof(float), sizeof sc);
+    __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + k)));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(sc));
 }
 S_T256 static inline float s_hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -254,9 +264,10 @@ S_T256 static inline float s_hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-#define S_K256(NAME, LOAD, ES, WT, MR)                                                             \
+#define S_K256(NAME, LOAD, WT, MR)                                                                 \
     S_T256 static void NAME(size_t K, const float *x, size_t ldx, const void *const *wr,           \
                             size_t nv, float *out, size_t ldo, int acc) {                          \
+        size_t kp = (K + MM_Q8_BLOCK - 1) / MM_Q8_BLOCK * MM_Q8_BLOCK;                             \
         const char *w0 = wr[0], *w1 = wr[1], *w2 = wr[2], *w3 = wr[3];                             \
         __m256 a[MR][4];                                                                           \
         _Pragma("GCC unroll 2") for (int i = 0; i < MR; i++) {                                     \
@@ -264,8 +275,8 @@ S_T256 static inline float s_hsum256(__m256 v) {
         }                                                                                          \
         size_t K8 = K & ~(size_t)7;                                                                \
         for (size_t k = 0; k < K8; k += 8) {                                                       \
-            __m256 v0 = LOAD(w0 + k * ES), v1 = LOAD(w1 + k * ES);                                 \
-            __m256 v2 = LOAD(w2 + k * ES), v3 = LOAD(w3 + k * ES);                                 \
+            __m256 v0 = LOAD(w0, k, kp), v1 = LOAD(w1, k, kp);                                     \
+            __m256 v2 = LOAD(w2, k, kp), v3 = LOAD(w3, k, kp);                                     \
             _Pragma("GCC unroll 2") for (int i = 0; i < MR; i++) {                                 \
                 __m256 xv = _mm256_loadu_ps(x + (size_t)i * ldx + k);                              \
                 a[i][0] = _mm256_fmadd_ps(v0, xv, a[i][0]);                                        \
@@ -282,54 +293,14 @@ S_T256 static inline float s_hsum256(__m256 v) {
                 s_store(out + (size_t)i * ldo + j, s, acc);                                        \
             }                                                                                      \
     }
-S_K256(s_256_f32_1, s_l256_f32, 4, MM_F32, 1)
-S_K256(s_256_f32_2, s_l256_f32, 4, MM_F32, 2)
-S_K256(s_256_f16_1, s_l256_f16, 2, MM_F16, 1)
-S_K256(s_256_f16_2, s_l256_f16, 2, MM_F16, 2)
-S_K256(s_256_bf16_1, s_l256_bf16, 2, MM_BF16, 1)
-S_K256(s_256_bf16_2, s_l256_bf16, 2, MM_BF16, 2)
-
-/* q8 on AVX2: 8 values at a time, the block's scale applied per load. The
- * macro above reads weights at w + k * ES, so the loader gets the row start
- * and k separately here. */
-S_T256 static inline __m256 s_l256_q8(const char *row, size_t k, size_t kp) {
-    float sc;
-    memcpy(&sc, row + kp + k / MM_Q8_BLOCK * sizeof(float), sizeof sc);
-    __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + k)));
-    return _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(sc));
-}
-
-#define S_K256Q(NAME, MR)                                                                          \
-    S_T256 static void NAME(size_t K, const float *x, size_t ldx, const void *const *wr,           \
-                            size_t nv, float *out, size_t ldo, int acc) {                          \
-        size_t kp = (K + MM_Q8_BLOCK - 1) / MM_Q8_BLOCK * MM_Q8_BLOCK;                             \
-        const char *w0 = wr[0], *w1 = wr[1], *w2 = wr[2], *w3 = wr[3];                             \
-        __m256 a[MR][4];                                                                           \
-        _Pragma("GCC unroll 2") for (int i = 0; i < MR; i++) {                                     \
-            a[i][0] = a[i][1] = a[i][2] = a[i][3] = _mm256_setzero_ps();                           \
-        }                                                                                          \
-        size_t K8 = K & ~(size_t)7;                                                                \
-        for (size_t k = 0; k < K8; k += 8) {                                                       \
-            __m256 v0 = s_l256_q8(w0, k, kp), v1 = s_l256_q8(w1, k, kp);                           \
-            __m256 v2 = s_l256_q8(w2, k, kp), v3 = s_l256_q8(w3, k, kp);                           \
-            _Pragma("GCC unroll 2") for (int i = 0; i < MR; i++) {                                 \
-                __m256 xv = _mm256_loadu_ps(x + (size_t)i * ldx + k);                              \
-                a[i][0] = _mm256_fmadd_ps(v0, xv, a[i][0]);                                        \
-                a[i][1] = _mm256_fmadd_ps(v1, xv, a[i][1]);                                        \
-                a[i][2] = _mm256_fmadd_ps(v2, xv, a[i][2]);                                        \
-                a[i][3] = _mm256_fmadd_ps(v3, xv, a[i][3]);                                        \
-            }                                                                                      \
-        }                                                                                          \
-        for (int i = 0; i < MR; i++)                                                               \
-            for (size_t j = 0; j < nv; j++) {                                                      \
-                float s = s_hsum256(a[i][j]);                                                      \
-                for (size_t k = K8; k < K; k++)                                                    \
-                    s += x[(size_t)i * ldx + k] * s_w1k(wr[j], MM_Q8, k, K);                       \
-                s_store(out + (size_t)i * ldo + j, s, acc);                                        \
-            }                                                                                      \
-    }
-S_K256Q(s_256_q8_1, 1)
-S_K256Q(s_256_q8_2, 2)
+S_K256(s_256_f32_1, s_l256_f32, MM_F32, 1)
+S_K256(s_256_f32_2, s_l256_f32, MM_F32, 2)
+S_K256(s_256_f16_1, s_l256_f16, MM_F16, 1)
+S_K256(s_256_f16_2, s_l256_f16, MM_F16, 2)
+S_K256(s_256_bf16_1, s_l256_bf16, MM_BF16, 1)
+S_K256(s_256_bf16_2, s_l256_bf16, MM_BF16, 2)
+S_K256(s_256_q8_1, s_l256_q8, MM_Q8, 1)
+S_K256(s_256_q8_2, s_l256_q8, MM_Q8, 2)
 #endif
 
 /* [isa][dtype f32/f16/bf16/q8][rows of x: 1, 2, 4] */
